@@ -1,0 +1,3 @@
+"""cxrtune: distributed hyperparameter search for chest X-ray classification."""
+
+__version__ = "0.1.0"

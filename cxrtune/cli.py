@@ -1,0 +1,137 @@
+"""The `cxrtune` command line: parse, load config, call one library function, show the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .config import DataConfig, from_dict
+from .errors import CxrtuneError
+
+app = typer.Typer(help="Hyperparameter search for chest X-ray classification.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: generate, inspect, split and cache.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("cxrtune")
+
+# Options shared by every data command; None means "use the DataConfig default".
+SOURCE = typer.Option(None, "--source", "-s", help="Dataset source (see `cxrtune data sources`); default: synthetic.")
+ROOT = typer.Option(None, "--root", "-r", help="Folder the dataset unpacked to (a CSV file for --source csv).")
+TASK = typer.Option(None, "--task", "-t", help="binary | three_class | four_class | multi_to_binary.")
+SIZE = typer.Option(None, "--image-size", help="Side of the cached square images (default 224).")
+SEED = typer.Option(None, "--split-seed", help="Seed of the train/val (and drawn test) split.")
+RESPLIT = typer.Option(None, "--resplit-test/--official-test", help="Draw a new test split instead of the source's official one.")
+BAD = typer.Option(None, "--on-bad-image", help="error | skip.")
+CACHE = typer.Option(None, "--cache-dir", help="Where caches and splits live (default cxrtune_data/cache).")
+WORKERS = typer.Option(None, "--workers", help="Decoding processes (0 = all cores).")
+JSON = typer.Option(False, "--json", help="Print one JSON object (for scripts) instead of a table.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run(fn, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a user-input error becomes a one-paragraph message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except CxrtuneError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def data_config(**options: Any) -> DataConfig:
+    given = {k: v for k, v in options.items() if v is not None}
+    cfg = run(from_dict, DataConfig, given, "data", "command line")
+    run(cfg.validate)
+    return cfg
+
+
+def emit(result: dict[str, Any], as_json: bool, render) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        render(result)
+
+
+@data_app.command("sources")
+def data_sources(as_json: bool = JSON) -> None:
+    """List the dataset sources and tasks cxrtune knows."""
+    from .data.labels import SCHEMES
+    from .data.sources import SOURCES
+
+    result = {"sources": ["synthetic", *SOURCES.names()],
+              "tasks": {n: list(SCHEMES.get(n).classes) for n in SCHEMES.names()}}
+    emit(result, as_json, lambda r: typer.echo(
+        "sources: " + ", ".join(r["sources"]) + "\ntasks:\n"
+        + "\n".join(f"  {t}: {' / '.join(c)}" for t, c in r["tasks"].items())))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the synthetic dataset to."),
+    n: int = typer.Option(600, "--n", help="Number of images."),
+    layout: str = typer.Option("coronahack", "--layout", help="coronahack | kermany | imagefolder."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out."),
+    as_json: bool = JSON,
+) -> None:
+    """Write SYNTHETIC chest-X-ray-like images in a real dataset's layout (for demos and tests)."""
+    from .data.synthetic import write_synthetic
+
+    summary = run(write_synthetic, out, n=n, layout=layout, seed=seed, overwrite=overwrite)
+    emit(summary, as_json, lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+
+
+@data_app.command("inspect")
+def data_inspect(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task: Optional[str] = TASK,
+                 image_size: Optional[int] = SIZE, split_seed: Optional[int] = SEED,
+                 resplit_test: Optional[bool] = RESPLIT, cache_dir: Optional[str] = CACHE,
+                 workers: Optional[int] = WORKERS,
+                 min_similarity: float = typer.Option(0.99, "--min-similarity", help="Near-duplicate threshold: cosine similarity of perceptual signatures."),
+                 as_json: bool = JSON) -> None:
+    """Class counts per split, image sizes, unreadable files, duplicates and leakage."""
+    from .data.inspect import inspect_data
+    from .report_text import render_inspect
+
+    cfg = data_config(source=source, root=root, task=task, image_size=image_size, split_seed=split_seed,
+                      resplit_test=resplit_test, cache_dir=cache_dir, workers=workers)
+    result = run(inspect_data, cfg, min_similarity=min_similarity, progress=not as_json)
+    emit(result, as_json, render_inspect)
+
+
+@data_app.command("cache")
+def data_cache(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task: Optional[str] = TASK,
+               image_size: Optional[int] = SIZE, split_seed: Optional[int] = SEED,
+               resplit_test: Optional[bool] = RESPLIT, on_bad_image: Optional[str] = BAD,
+               cache_dir: Optional[str] = CACHE, workers: Optional[int] = WORKERS,
+               as_json: bool = JSON) -> None:
+    """Build the image cache and the split ahead of a search (the synthetic default if no --source)."""
+    from .data.pipeline import prepare_data
+    from .report_text import render_prepared
+
+    cfg = data_config(source=source, root=root, task=task, image_size=image_size, split_seed=split_seed,
+                      resplit_test=resplit_test, on_bad_image=on_bad_image, cache_dir=cache_dir,
+                      workers=workers)
+    data = run(prepare_data, cfg, progress=not as_json)
+    result = {
+        "source": cfg.source, "root": str(cfg.resolved_root()), "task": cfg.task,
+        "n_images": len(data.split), "cache": str(data.cache.directory),
+        "fingerprint": data.cache.fingerprint, "image_size": data.cache.size,
+        "split_file": str(data.split_path),
+        "split_counts": {s: int(n) for s, n in data.split["split"].value_counts().items()},
+        "skipped": [b.path for b in data.skipped],
+    }
+    emit(result, as_json, render_prepared)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,218 @@
+"""Typed, frozen configs and their YAML loading.
+
+Every config is a frozen dataclass. ``from_dict`` builds one from plain YAML data,
+rejecting unknown keys (naming the key and the valid ones) and values of the
+wrong type (naming the key, the value and the expected type). All problems of a
+file are collected and reported together, so a user fixes a YAML in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+C = TypeVar("C")
+
+
+
+def cxrtune_home() -> Path:
+    """Where generated data, caches and splits live by default ($CXRTUNE_HOME or ./cxrtune_data)."""
+    return Path(os.environ.get("CXRTUNE_HOME", "cxrtune_data")).expanduser()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from, which task they serve and how they are split and cached."""
+
+    source: str = "synthetic"  # see `cxrtune data sources`
+    root: str | None = None  # dataset folder (or CSV for source=csv); synthetic: generated here
+    task: str = "three_class"  # binary | three_class | four_class | multi_to_binary
+    image_size: int = 224  # side of the square images the cache stores
+    split_seed: int = 0
+    val_fraction: float = 0.2  # of train+val, drawn grouped by patient
+    test_fraction: float = 0.2  # only when the source has no official test split
+    resplit_test: bool = False  # ignore the official test split and draw a new one
+    folds: int = 0  # k-fold CV over train+val (0 = a single train/val split)
+    fold: int = 0  # which fold is validation when folds > 0
+    min_class_count: int = 3  # fine labels with fewer images are dropped (and reported)
+    on_bad_image: str = "error"  # error | skip
+    cache_dir: str | None = None  # default: <CXRTUNE_HOME>/cache
+    synthetic_n: int = 600  # images generated when source=synthetic
+    workers: int = 0  # decoding processes (0 = all cores)
+
+    def resolved_root(self) -> Path:
+        if self.root is not None:
+            return Path(self.root).expanduser()
+        if self.source == "synthetic":
+            return cxrtune_home() / "synthetic"
+        raise ConfigError(f"data.root is required for source {self.source!r}: set it to the "
+                          "folder the dataset archive unpacked to")
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else cxrtune_home() / "cache"
+
+    def validate(self, where: str = "data") -> None:
+        """Check values that a type alone does not constrain; all problems at once."""
+        from .data.labels import SCHEMES  # lazily: the data package imports this module
+        from .data.sources import SOURCES
+
+        problems = []
+        sources = ["synthetic", *SOURCES.names()]
+        if self.source not in sources:
+            problems.append(f"{where}.source={self.source!r}: unknown source; valid sources: {', '.join(sources)}")
+        if self.task not in SCHEMES:
+            problems.append(f"{where}.task={self.task!r}: unknown task; valid tasks: {', '.join(SCHEMES.names())}")
+        if self.image_size < 16:
+            problems.append(f"{where}.image_size={self.image_size}: must be an integer >= 16 (e.g. 224)")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                problems.append(f"{where}.{name}={v}: must be between 0 and 1 exclusive (e.g. 0.2)")
+        if self.folds == 1 or self.folds < 0:
+            problems.append(f"{where}.folds={self.folds}: must be 0 (off) or >= 2 (e.g. 5)")
+        if self.folds >= 2 and not 0 <= self.fold < self.folds:
+            problems.append(f"{where}.fold={self.fold}: must be in 0..{self.folds - 1}")
+        if self.min_class_count < 1:
+            problems.append(f"{where}.min_class_count={self.min_class_count}: must be >= 1")
+        if self.on_bad_image not in ("error", "skip"):
+            problems.append(f"{where}.on_bad_image={self.on_bad_image!r}: must be 'error' or 'skip'")
+        if self.synthetic_n < 20:
+            problems.append(f"{where}.synthetic_n={self.synthetic_n}: must be >= 20")
+        if self.workers < 0:
+            problems.append(f"{where}.workers={self.workers}: must be >= 0 (0 = all cores)")
+        if problems:
+            raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------- generic loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the (lightly converted) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return value
+        return _build(tp, value, key, problems)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}={value!r}: expected a list")
+            return value
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}={value!r}: expected a mapping")
+        return dict(value) if isinstance(value, Mapping) else value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        problems.append(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{key}={value!r}: expected an integer")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        problems.append(f"{key}={value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def _build(cls: type[C], data: Mapping[str, Any], where: str, problems: list[str]) -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    for k in unknown:
+        problems.append(f"{where}.{k}: unknown key; valid keys: {', '.join(fields)}" if where
+                        else f"{k}: unknown key; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name in fields:
+            key = f"{where}.{name}" if where else name
+            kwargs[name] = _coerce(value, hints[name], key, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reached when problems were already recorded
+        problems.append(f"{where}: {exc}")
+        return None  # type: ignore[return-value]
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any] | None, where: str = "", source: str = "") -> C:
+    """Build the frozen dataclass ``cls`` from YAML-like data, or raise one ConfigError
+    listing every unknown key and mistyped value (prefixed by ``source``, e.g. the file)."""
+    problems: list[str] = []
+    obj = _build(cls, data or {}, where, problems)
+    if problems:
+        head = f"{source}: " if source else ""
+        raise ConfigError(f"{head}invalid config:\n  " + "\n  ".join(problems))
+    return obj
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; check the path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to nested config data."""
+    out = typing.cast(dict, yaml.safe_load(yaml.safe_dump(data)) or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. data.task=binary")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config (for saving the resolved config next to results)."""
+    return dataclasses.asdict(cfg)
+
+
+__all__ = ["DataConfig", "from_dict", "read_yaml", "apply_overrides", "to_dict", "field"]

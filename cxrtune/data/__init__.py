@@ -1,0 +1,1 @@
+"""The data side: source adapters -> manifest -> label scheme -> split -> cache -> CXR-Norm."""

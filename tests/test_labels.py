@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from cxrtune.data.labels import SCHEMES, apply_scheme
+from cxrtune.data.manifest import Record
+from cxrtune.errors import ConfigError, DataError
+
+
+def recs(**counts):
+    out = []
+    for label, n in counts.items():
+        out += [Record(path=f"/d/{label}{i}.png", label=label) for i in range(n)]
+    return out
+
+
+def test_three_class_merges_fine_labels_and_reports_drops():
+    r = recs(normal=5, bacterial=5, streptococcus=5, viral=5, covid=4, sars=4, stress_smoking=2, ards=2)
+    out = apply_scheme(r, SCHEMES.get("three_class"), min_class_count=3)
+    counts = {c: out.targets.count(c) for c in ("normal", "bacterial", "viral")}
+    assert counts == {"normal": 5, "bacterial": 10, "viral": 13}
+    assert out.dropped["stress_smoking"][0] == 2 and "stress_smoking" not in {x.label for x in out.records}
+    assert "min_class_count=3" in out.dropped["ards"][1]
+
+
+def test_four_class_keeps_covid_apart_and_binary_merges_all():
+    r = recs(normal=3, bacterial=3, viral=3, covid=3)
+    four = apply_scheme(r, SCHEMES.get("four_class"))
+    assert four.targets.count("covid") == 3 and four.targets.count("viral") == 3
+    binary = apply_scheme(r, SCHEMES.get("binary"))
+    assert binary.targets.count("pneumonia") == 9
+
+
+def test_unmapped_fine_label_is_dropped_with_reason():
+    out = apply_scheme(recs(normal=3, viral=3, bacterial=3, lung_opacity=7), SCHEMES.get("three_class"))
+    assert out.dropped == {"lung_opacity": (7, "not part of task 'three_class'")}
+
+
+def test_empty_class_after_filtering_is_an_error():
+    with pytest.raises(DataError, match=r"no images for class\(es\) covid"):
+        apply_scheme(recs(normal=3, viral=3, bacterial=3), SCHEMES.get("four_class"), source="kermany")
+
+
+def test_multi_to_binary_probabilities_sum():
+    scheme = SCHEMES.get("multi_to_binary")
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=20)
+    b = scheme.to_binary_probs(probs)
+    assert b.shape == (20, 2)
+    np.testing.assert_allclose(b.sum(1), 1.0)
+    np.testing.assert_allclose(b[:, 0], probs[:, scheme.index_of("normal")])
+    with pytest.raises(ValueError):
+        SCHEMES.get("three_class").binary_matrix()
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(ConfigError, match="unknown task 'five_class'.*binary, four_class, multi_to_binary, three_class"):
+        SCHEMES.get("five_class")
