@@ -133,5 +133,31 @@ def data_cache(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task:
     emit(result, as_json, render_prepared)
 
 
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Argument(None, help="Trial config YAML (default: the built-in baseline)."),
+    debug: bool = typer.Option(False, "--debug", help="A few batches of 1-2 epochs, full tracebacks."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value: --set optimizer.lr=0.01"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (config output_dir)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint folder to continue from."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the output folder."),
+    as_json: bool = JSON,
+) -> None:
+    """Train one trial in-process, without Ray (the local single-GPU / CPU debug mode)."""
+    from .config import load_trial_config
+    from .train import train
+
+    sets = list(overrides) + ([f"output_dir={output}"] if output else [])
+    cfg = run(load_trial_config, config, sets)
+    if debug:  # full tracebacks: the point of --debug is to see where it breaks
+        logging.getLogger().setLevel(logging.DEBUG)
+        summary = train(cfg, debug=True, resume=resume, overwrite=overwrite)
+    else:
+        summary = run(train, cfg, resume=resume, overwrite=overwrite)
+    emit(summary, as_json, lambda r: typer.echo(
+        f"{r['epochs']} epochs; best {r['select_metric']} {r['best']:.4f} at epoch {r['best_epoch']}; "
+        f"results in {r['output_dir']}"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -18,7 +18,12 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from .data.augment import AugmentConfig
+from .data.cxrnorm import CXRNormConfig
 from .errors import ConfigError
+from .losses import LossConfig
+from .models import ModelConfig
+from .optim import OptimConfig, ScheduleConfig
 
 C = TypeVar("C")
 
@@ -91,6 +96,101 @@ class DataConfig:
             problems.append(f"{where}.workers={self.workers}: must be >= 0 (0 = all cores)")
         if problems:
             raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How one trial trains: length, batches, selection, numerics, devices."""
+
+    epochs: int = 50
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    seed: int = 0
+    select_metric: str = "val/f1_macro"  # what the best checkpoint (and the search) selects on
+    select_mode: str = "max"  # max | min
+    early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
+    grad_clip: float = 0.0  # max gradient norm (0 = off)
+    aux_loss_weight: float = 0.4  # Inception's auxiliary classifier
+    device: str = "auto"  # auto (cuda:0 when present, else cpu) | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = True  # deterministic algorithms where the device allows
+    num_workers: int = 0  # DataLoader processes; the cache makes 0-2 enough on most machines
+    max_train_batches: int = 0  # cap per epoch (0 = all); --debug sets it
+    max_eval_batches: int = 0
+
+    def validate(self, where: str = "loop") -> None:
+        problems = []
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{where}.{name}={getattr(self, name)}: must be an integer >= 1")
+        if self.select_mode not in ("max", "min"):
+            problems.append(f"{where}.select_mode={self.select_mode!r}: must be 'max' or 'min'")
+        for name in ("early_stopping_patience", "num_workers", "max_train_batches", "max_eval_batches"):
+            if getattr(self, name) < 0:
+                problems.append(f"{where}.{name}={getattr(self, name)}: must be >= 0")
+        if self.grad_clip < 0 or self.aux_loss_weight < 0:
+            problems.append(f"{where}.grad_clip / aux_loss_weight: must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"{where}.device={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        if problems:
+            raise ConfigError("invalid loop config:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs. Defaults follow the source reports' baseline:
+    224 px grayscale, batch 32, Adam 1e-3, ReduceLROnPlateau x0.1 after 5 epochs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: CXRNormConfig = field(default_factory=CXRNormConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: str = "shuffle"  # shuffle | oversample | undersample
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    output_dir: str = "cxrtune_runs/train"
+
+    def validate(self) -> None:
+        """Every section's checks plus the cross-section ones; all problems in one error."""
+        from .data.labels import SCHEMES
+        from .data.samplers import SAMPLERS
+        from .metrics import check_metric_name
+
+        problems: list[str] = []
+        checks = [self.data.validate, self.preprocess.validate, self.augment.validate,
+                  self.model.validate, self.optimizer.validate, self.schedule.validate,
+                  self.loop.validate, lambda: SAMPLERS.get(self.sampler, where="sampler")]
+        for check in checks:
+            try:
+                check()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if self.data.task in SCHEMES:
+            scheme = SCHEMES.get(self.data.task)
+            try:
+                self.loss.validate(num_classes=scheme.num_classes)
+                if self.loop.select_metric != "val/loss":
+                    check_metric_name(self.loop.select_metric, scheme.classes,
+                                      list(scheme.binary_groups) or False, where="loop.select_metric")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+
+def load_trial_config(path: str | Path | None, overrides: list[str] = ()) -> TrialConfig:
+    """A validated TrialConfig from a YAML file (or the defaults) plus --set overrides."""
+    data = read_yaml(path) if path else {}
+    cfg = from_dict(TrialConfig, apply_overrides(data, list(overrides)), "", str(path or "defaults"))
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'defaults'}: {exc}") from None
+    return cfg
 
 
 # ---------------------------------------------------------------- generic loading
@@ -215,4 +315,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["DataConfig", "from_dict", "read_yaml", "apply_overrides", "to_dict", "field"]
+__all__ = ["DataConfig", "LoopConfig", "TrialConfig", "load_trial_config", "from_dict", "read_yaml",
+           "apply_overrides", "to_dict"]

@@ -1,0 +1,360 @@
+"""The training loop of one trial: train_one_epoch, evaluate, fit (with checkpoint/resume).
+
+It knows nothing of Ray or MLflow: ``fit`` takes a TrialConfig, the prepared data and
+a ``report(metrics, checkpoint_dir)`` callback. The Ray trainable and `cxrtune train`
+are two thin callers of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import TrialConfig, to_dict
+from .data.augment import eval_transform, train_transform
+from .data.cxrnorm import normalized
+from .data.dataset import CachedImages, channel_stats
+from .data.pipeline import PreparedData
+from .data.samplers import SAMPLERS
+from .losses import build_loss
+from .metrics import scheme_metrics
+from .models import build_model, input_size, logits_and_aux, set_backbone_frozen
+from .optim import (build_optimizer, build_scheduler, disable_running_stats, enable_running_stats,
+                    is_second_order)
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, float], Path], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial cannot continue."""
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: cuda:0 when present, else the CPU; says which."""
+    if name == "auto":
+        name = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"loop.device={name!r} but CUDA is not available; use device: auto or cpu")
+    log.info("training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: a few CUDA kernels have no deterministic version; the run goes on.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@dataclass
+class Setup:
+    """The objects a run is made of (built once, restored from a checkpoint on resume)."""
+
+    model: nn.Module  # the module whose state is saved (never the compiled wrapper)
+    forward: nn.Module  # what is called: the compiled model when loop.compile
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator
+    device: torch.device
+    input_stats: tuple[float, float]
+
+
+def _loaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray,
+             generator: torch.Generator) -> tuple[DataLoader, DataLoader, tuple[float, float]]:
+    train_rows, train_y = data.rows("train"), data.targets("train")
+    mean, std = channel_stats(images, train_rows)
+    size = data.cache.size
+    train = CachedImages(images, train_rows, train_y, train_transform(cfg.augment, size, mean, std))
+    val = CachedImages(images, data.rows("val"), data.targets("val"), eval_transform(mean, std))
+    sampler = SAMPLERS.get(cfg.sampler)(train_y, generator)
+    loop = cfg.loop
+    # A last batch of one image breaks BatchNorm; dropping it costs < 1 batch per epoch.
+    train_loader = DataLoader(train, batch_size=loop.batch_size, sampler=sampler, shuffle=sampler is None,
+                              generator=generator, num_workers=loop.num_workers,
+                              drop_last=len(train) > loop.batch_size, persistent_workers=loop.num_workers > 0)
+    val_loader = DataLoader(val, batch_size=loop.eval_batch_size, num_workers=loop.num_workers)
+    return train_loader, val_loader, (mean, std)
+
+
+def build_setup(cfg: TrialConfig, data: PreparedData, device: torch.device) -> Setup:
+    """Model, loss, optimizer, schedule and loaders for ``cfg`` on ``device``."""
+    seed_everything(cfg.loop.seed, cfg.loop.deterministic)
+    memo = data.cache.directory.parent / "cxrnorm"
+    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, memo)
+    generator = torch.Generator().manual_seed(cfg.loop.seed)
+    train_loader, val_loader, stats = _loaders(cfg, data, images, generator)
+    if data.cache.size < input_size(cfg.model.backbone):
+        log.warning("%s was designed for %d px input; data.image_size is %d", cfg.model.backbone,
+                    input_size(cfg.model.backbone), data.cache.size)
+    model = build_model(cfg.model, data.scheme.num_classes, data.cache.size).to(device)
+    if device.type == "cuda" and cfg.loop.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    counts = np.bincount(data.targets("train"), minlength=data.scheme.num_classes)
+    criterion = build_loss(cfg.loss, counts.tolist()).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    steps = _steps_per_epoch(cfg, len(train_loader))
+    scheduler = build_scheduler(cfg.schedule, optimizer, cfg.loop.epochs, steps, mode=cfg.loop.select_mode)
+    forward = torch.compile(model) if cfg.loop.compile else model
+    return Setup(model, forward, criterion, optimizer, scheduler, train_loader, val_loader, generator,
+                 device, stats)
+
+
+def _steps_per_epoch(cfg: TrialConfig, batches: int) -> int:
+    if cfg.loop.max_train_batches:
+        batches = min(batches, cfg.loop.max_train_batches)
+    return max(1, math.ceil(batches / cfg.optimizer.grad_accum_steps))
+
+
+# ------------------------------------------------------------------ one epoch
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        # bf16 has fp32's range: no GradScaler, so SAM's two passes need no unscaling.
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, s: Setup, cfg: TrialConfig):
+    x = x.to(s.device, non_blocking=True)
+    if cfg.model.in_channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    if s.device.type == "cuda" and cfg.loop.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(s.device, non_blocking=True)
+
+
+def _loss(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with _autocast(s.device, cfg.loop.amp):
+        logits, aux = logits_and_aux(s.forward(x))
+        loss = s.criterion(logits, y)
+        if aux is not None:
+            loss = loss + cfg.loop.aux_loss_weight * s.criterion(aux, y)
+    return loss
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, batch: int, cfg: TrialConfig) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at epoch {epoch} batch {batch} (optimizer.lr="
+            f"{cfg.optimizer.lr:g}); the trial diverged: lower the learning rate, add "
+            "loop.grad_clip, or check the data")
+
+
+def _clip(s: Setup, cfg: TrialConfig) -> None:
+    if cfg.loop.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.loop.grad_clip)
+
+
+def _sam_step(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> None:
+    """SAM's second pass at w + e_w; BatchNorm statistics are not updated twice."""
+    s.optimizer.first_step(zero_grad=True)
+    disable_running_stats(s.model)
+    try:
+        _loss(s, cfg, x, y).backward()
+    finally:
+        enable_running_stats(s.model)
+    _clip(s, cfg)
+    s.optimizer.second_step(zero_grad=True)
+
+
+def train_one_epoch(s: Setup, cfg: TrialConfig, epoch: int) -> float:
+    """One pass over the training loader; returns the mean training loss."""
+    s.model.train()
+    accum = cfg.optimizer.grad_accum_steps
+    second_order = is_second_order(s.optimizer)
+    total, n = 0.0, 0
+    s.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(s.train_loader):
+        if cfg.loop.max_train_batches and i >= cfg.loop.max_train_batches:
+            break
+        x, y = _to_device(x, y, s, cfg)
+        loss = _loss(s, cfg, x, y)
+        _check_finite(loss, epoch, i, cfg)
+        (loss / accum).backward()
+        total += loss.item() * len(y)
+        n += len(y)
+        if (i + 1) % accum:
+            continue
+        if second_order:
+            _sam_step(s, cfg, x, y)
+        else:
+            _clip(s, cfg)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        s.scheduler.step_batch()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict(s: Setup, cfg: TrialConfig, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, float]:
+    """(true labels, class probabilities, mean loss) over ``loader``, augmentation-free."""
+    s.model.eval()
+    ys, probs, total = [], [], 0.0
+    for i, (x, y) in enumerate(loader):
+        if cfg.loop.max_eval_batches and i >= cfg.loop.max_eval_batches:
+            break
+        x, y = _to_device(x, y, s, cfg)
+        with _autocast(s.device, cfg.loop.amp):
+            logits, _ = logits_and_aux(s.forward(x))
+        logits = logits.float()
+        total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        ys.append(y.cpu().numpy())
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    y_true = np.concatenate(ys)
+    return y_true, np.concatenate(probs), total / max(len(y_true), 1)
+
+
+def evaluate(s: Setup, cfg: TrialConfig, data: PreparedData, loader: DataLoader,
+             prefix: str = "val/") -> dict[str, float]:
+    y_true, probs, loss = predict(s, cfg, loader)
+    if not np.isfinite(probs).all():
+        raise TrainingDiverged("the model's outputs became NaN/inf; the trial diverged: lower the "
+                               "learning rate or add loop.grad_clip")
+    return {f"{prefix}loss": loss, **scheme_metrics(y_true, probs, data.scheme, prefix)}
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the model: where the run stands."""
+
+    epoch: int = 0  # epochs completed
+    best: Optional[float] = None
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rng_state(s: Setup) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "loader": s.generator.get_state()}
+    if s.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(s.device)
+    return state
+
+
+def _set_rng_state(s: Setup, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    s.generator.set_state(state["loader"])
+    if "cuda" in state and s.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], s.device)
+
+
+def save_checkpoint(directory: Path, s: Setup, progress: Progress, cfg: TrialConfig) -> Path:
+    """Write model, optimizer (SAM: the base optimizer's state), schedule, progress and RNG
+    states into ``directory``, atomically: a crash mid-write leaves the previous one intact."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "progress": progress.__dict__, "rng": _rng_state(s),
+        "input_stats": s.input_stats, "config": to_dict(cfg),
+    }, tmp / CHECKPOINT_FILE)
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load_checkpoint(path: Path, s: Setup) -> Progress:
+    """Restore ``s`` in place from a checkpoint directory (or file); returns the progress."""
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
+    # The RNG states hold numpy arrays and tuples, so this trusted, self-written file is
+    # loaded with weights_only=False; model weights from users always use weights_only=True.
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(s, state["rng"])
+    return Progress(**state["progress"])
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _improved(value: float, best: Optional[float], mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _epoch(s: Setup, cfg: TrialConfig, data: PreparedData, epoch: int) -> dict[str, float]:
+    frozen = epoch < cfg.model.freeze_epochs
+    set_backbone_frozen(s.model, cfg.model.backbone, frozen)
+    start = time.perf_counter()
+    train_loss = train_one_epoch(s, cfg, epoch)
+    train_s = time.perf_counter() - start
+    metrics = evaluate(s, cfg, data, s.val_loader)
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.scheduler.step_epoch(metrics[cfg.loop.select_metric])
+    return {"epoch": epoch + 1, "train/loss": train_loss, **metrics, "lr": lr,
+            "time/train_s": train_s, "time/epoch_s": time.perf_counter() - start}
+
+
+def fit(cfg: TrialConfig, data: PreparedData, report: Optional[Report] = None, *,
+        workdir: Path, resume: Optional[Path] = None, device: Optional[torch.device] = None) -> Progress:
+    """Train ``cfg`` on ``data``; after every epoch write a checkpoint to
+    ``workdir/checkpoint`` and call ``report(metrics, that_dir)``. With ``resume``,
+    continue exactly where that checkpoint left off."""
+    device = device or pick_device(cfg.loop.device)
+    s = build_setup(cfg, data, device)
+    progress = load_checkpoint(resume, s) if resume else Progress()
+    if resume:
+        log.info("resumed from %s after epoch %d", resume, progress.epoch)
+    ckpt_dir = Path(workdir) / "checkpoint"
+    for epoch in range(progress.epoch, cfg.loop.epochs):
+        metrics = _epoch(s, cfg, data, epoch)
+        value = metrics[cfg.loop.select_metric]
+        if _improved(value, progress.best, cfg.loop.select_mode):
+            progress.best, progress.best_epoch, progress.stale_epochs = value, epoch + 1, 0
+        else:
+            progress.stale_epochs += 1
+        progress.epoch = epoch + 1
+        progress.history.append(metrics)
+        metrics = {**metrics, "best": progress.best, "best_epoch": progress.best_epoch}
+        log.info("epoch %d/%d  train/loss %.4f  val/loss %.4f  %s %.4f  (%.1f s)", epoch + 1,
+                 cfg.loop.epochs, metrics["train/loss"], metrics["val/loss"], cfg.loop.select_metric,
+                 value, metrics["time/epoch_s"])
+        save_checkpoint(ckpt_dir, s, progress, cfg)
+        if report is not None:
+            report(metrics, ckpt_dir)
+        patience = cfg.loop.early_stopping_patience
+        if patience and progress.stale_epochs >= patience:
+            log.info("early stopping: no improvement of %s for %d epochs", cfg.loop.select_metric, patience)
+            break
+    return progress
