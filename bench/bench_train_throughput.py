@@ -40,7 +40,7 @@ def images_per_s(cfg: TrialConfig, device: torch.device, size: int, batch: int, 
     model.train()
 
     def step() -> None:
-        xb, yb = _to_device(x, y, s, cfg)
+        xb, yb = _to_device(x, y, device, cfg)
         _loss(s, cfg, xb, yb).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -159,5 +159,55 @@ def train_cmd(
         f"results in {r['output_dir']}"))
 
 
+def _load_space(space: str, overrides: list[str]):
+    from .space import load_spec, resolve_space_path
+
+    path, found = run(resolve_space_path, space)
+    log.info("search space: %s", found)
+    return run(load_spec, path, overrides)
+
+
+@app.command("validate")
+def validate_cmd(
+    space: str = typer.Argument(..., help="Search-space YAML, or a bundled space's name (e.g. demo, cxrnorm)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a value: --set search.num_samples=4"),
+    as_json: bool = JSON,
+) -> None:
+    """Validate a search-space YAML (every problem at once) without starting anything."""
+    spec = _load_space(space, overrides)
+    result = {"name": spec.name, "file": spec.file, "valid": True, "params": [p.name for p in spec.params],
+              "algorithm": spec.search.algorithm, "scheduler": spec.search.scheduler.name,
+              "metric": spec.metric, "mode": spec.mode, "max_epochs": spec.max_epochs}
+    emit(result, as_json, lambda r: typer.echo(
+        f"{r['file']}: valid; {len(r['params'])} searched parameters ({', '.join(r['params'])}); "
+        f"{r['algorithm']} + {r['scheduler']} on {r['metric']} ({r['mode']}), up to {r['max_epochs']} epochs"))
+
+
+@app.command("search")
+def search_cmd(
+    space: str = typer.Argument(..., help="Search-space YAML, or a bundled space's name (e.g. demo, cxrnorm)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:10001, host:6379); default: RAY_ADDRESS or a local Ray."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search; finished trials are not re-run."),
+    debug: bool = typer.Option(False, "--debug", help="Run one trial of the space in-process, without Ray."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a value: --set search.num_samples=4 --set fixed.loop.epochs=3"),
+    as_json: bool = JSON,
+) -> None:
+    """Search the space with Ray Tune (Optuna TPE + ASHA), track every trial in MLflow,
+    then score the best trial once on the held-out test split."""
+    from .report_text import render_search
+    from .search import debug_trial, run_search
+
+    spec = _load_space(space, overrides)
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+        summary = debug_trial(spec)
+        emit(summary, as_json, lambda r: typer.echo(
+            f"debug trial at {r['point']}: {r['epochs']} epochs, {r['select_metric']} {r['best']:.4f}; "
+            f"results in {r['output_dir']}"))
+        return
+    summary = run(run_search, spec, address=address, resume=resume)
+    emit(summary, as_json, render_search)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

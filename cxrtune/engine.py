@@ -8,6 +8,7 @@ are two thin callers of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from .data.dataset import CachedImages, channel_stats
 from .data.pipeline import PreparedData
 from .data.samplers import SAMPLERS
 from .losses import build_loss
-from .metrics import scheme_metrics
+from .metrics import confusion, scheme_metrics
 from .models import build_model, input_size, logits_and_aux, set_backbone_frozen
 from .optim import (build_optimizer, build_scheduler, disable_running_stats, enable_running_stats,
                     is_second_order)
@@ -103,15 +104,20 @@ def _loaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray,
     return train_loader, val_loader, (mean, std)
 
 
+def _memo_dir(data: PreparedData) -> Path:
+    """CXR-Norm results are memoised next to the cache they were computed from."""
+    return data.cache.directory.parent / "cxrnorm"
+
+
 def build_setup(cfg: TrialConfig, data: PreparedData, device: torch.device) -> Setup:
     """Model, loss, optimizer, schedule and loaders for ``cfg`` on ``device``."""
     seed_everything(cfg.loop.seed, cfg.loop.deterministic)
-    memo = data.cache.directory.parent / "cxrnorm"
-    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, memo)
+    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, _memo_dir(data))
     generator = torch.Generator().manual_seed(cfg.loop.seed)
     train_loader, val_loader, stats = _loaders(cfg, data, images, generator)
-    if data.cache.size < input_size(cfg.model.backbone):
-        log.warning("%s was designed for %d px input; data.image_size is %d", cfg.model.backbone,
+    if cfg.model.weights != "none" and data.cache.size < input_size(cfg.model.backbone):
+        # Pretrained features were learnt at their native scale.
+        log.warning("%s weights were trained at %d px; data.image_size is %d", cfg.model.backbone,
                     input_size(cfg.model.backbone), data.cache.size)
     model = build_model(cfg.model, data.scheme.num_classes, data.cache.size).to(device)
     if device.type == "cuda" and cfg.loop.channels_last:
@@ -142,13 +148,13 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, s: Setup, cfg: TrialConfig):
-    x = x.to(s.device, non_blocking=True)
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg: TrialConfig):
+    x = x.to(device, non_blocking=True)
     if cfg.model.in_channels == 3:
         x = x.expand(-1, 3, -1, -1)
-    if s.device.type == "cuda" and cfg.loop.channels_last:
+    if device.type == "cuda" and cfg.loop.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(s.device, non_blocking=True)
+    return x, y.to(device, non_blocking=True)
 
 
 def _loss(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -195,7 +201,7 @@ def train_one_epoch(s: Setup, cfg: TrialConfig, epoch: int) -> float:
     for i, (x, y) in enumerate(s.train_loader):
         if cfg.loop.max_train_batches and i >= cfg.loop.max_train_batches:
             break
-        x, y = _to_device(x, y, s, cfg)
+        x, y = _to_device(x, y, s.device, cfg)
         loss = _loss(s, cfg, x, y)
         _check_finite(loss, epoch, i, cfg)
         (loss / accum).backward()
@@ -214,16 +220,17 @@ def train_one_epoch(s: Setup, cfg: TrialConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def predict(s: Setup, cfg: TrialConfig, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, float]:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device,
+            cfg: TrialConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """(true labels, class probabilities, mean loss) over ``loader``, augmentation-free."""
-    s.model.eval()
+    model.eval()
     ys, probs, total = [], [], 0.0
     for i, (x, y) in enumerate(loader):
         if cfg.loop.max_eval_batches and i >= cfg.loop.max_eval_batches:
             break
-        x, y = _to_device(x, y, s, cfg)
-        with _autocast(s.device, cfg.loop.amp):
-            logits, _ = logits_and_aux(s.forward(x))
+        x, y = _to_device(x, y, device, cfg)
+        with _autocast(device, cfg.loop.amp):
+            logits, _ = logits_and_aux(model(x))
         logits = logits.float()
         total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         ys.append(y.cpu().numpy())
@@ -232,13 +239,54 @@ def predict(s: Setup, cfg: TrialConfig, loader: DataLoader) -> tuple[np.ndarray,
     return y_true, np.concatenate(probs), total / max(len(y_true), 1)
 
 
-def evaluate(s: Setup, cfg: TrialConfig, data: PreparedData, loader: DataLoader,
-             prefix: str = "val/") -> dict[str, float]:
-    y_true, probs, loss = predict(s, cfg, loader)
+def split_metrics(y_true: np.ndarray, probs: np.ndarray, loss: float, data: PreparedData,
+                  prefix: str) -> dict[str, float]:
     if not np.isfinite(probs).all():
         raise TrainingDiverged("the model's outputs became NaN/inf; the trial diverged: lower the "
                                "learning rate or add loop.grad_clip")
     return {f"{prefix}loss": loss, **scheme_metrics(y_true, probs, data.scheme, prefix)}
+
+
+def evaluate(s: Setup, cfg: TrialConfig, data: PreparedData, loader: DataLoader,
+             prefix: str = "val/") -> dict[str, float]:
+    return split_metrics(*predict(s.forward, loader, s.device, cfg), data, prefix)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint scored on one split: metrics, confusion matrix, raw predictions."""
+
+    metrics: dict[str, float]
+    confusion: np.ndarray
+    y_true: np.ndarray
+    probs: np.ndarray
+    config: TrialConfig
+    model: nn.Module
+    input_stats: tuple[float, float]
+
+
+def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test",
+                        device: Optional[torch.device] = None) -> Evaluation:
+    """Score a saved checkpoint on ``split`` (the held-out test split by default)."""
+    from .config import from_dict
+
+    device = device or pick_device("auto")
+    state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    cfg = from_dict(TrialConfig, state["config"])
+    # The checkpoint holds every weight: no pretrained file needs to be found again.
+    model = build_model(dataclasses.replace(cfg.model, weights="none"), data.scheme.num_classes,
+                        data.cache.size)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    mean, std = state["input_stats"]
+    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, _memo_dir(data))
+    ds = CachedImages(images, data.rows(split), data.targets(split), eval_transform(mean, std))
+    loader = DataLoader(ds, batch_size=cfg.loop.eval_batch_size)
+    full = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_eval_batches=0))
+    y_true, probs, loss = predict(model, loader, device, full)
+    metrics = split_metrics(y_true, probs, loss, data, f"{split}/")
+    conf = confusion(y_true, probs.argmax(1), data.scheme.num_classes)
+    return Evaluation(metrics, conf, y_true, probs, cfg, model, (mean, std))
 
 
 # ------------------------------------------------------------------ checkpoints

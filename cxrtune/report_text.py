@@ -48,3 +48,26 @@ def render_prepared(r: dict[str, Any]) -> None:
     console.print(f"split: {r['split_file']}")
     if r["skipped"]:
         console.print(f"[yellow]skipped {len(r['skipped'])} unreadable image(s)[/]")
+
+
+def render_search(r: dict[str, Any]) -> None:
+    table = Table(title=f"search {r['name']}: top trials by {r['metric']} ({r['mode']})")
+    for col in ("trial", "status", "epochs", r["metric"], "config"):
+        table.add_column(col)
+    for t in r["top_trials"]:
+        best = "-" if t["best"] is None else f"{t['best']:.4f}"
+        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["config"].items())
+        table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, config)
+    console.print(table)
+    console.print(f"{r['n_trials']} trials, {r['n_failed']} failed; best trial {r['best_trial']} "
+                  f"({r['metric']} {r['best_val']:.4f})")
+    console.print("best config: " + ", ".join(f"{k}={v}" for k, v in r["best_config"].items()))
+    test = r["test_metrics"]
+    shown = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
+                         "test/roc_auc_macro", "test/binary/accuracy", "test/binary/f1_weighted") if k in test]
+    console.print("held-out test: " + ", ".join(f"{k} {test[k]:.4f}" for k in shown))
+    console.print(f"confusion (rows true {r['classes']}): {r['confusion']}")
+    if r["mlflow_skipped_calls"]:
+        console.print(f"[yellow]{r['mlflow_skipped_calls']} MLflow calls were not logged (tracking unreachable)[/]")
+    console.print(f"review every trial: {r['mlflow_ui']}")
+    console.print(f"Tune results: {r['experiment_dir']}")

@@ -1,0 +1,74 @@
+"""Tune overhead: epoch time of the same trial inside a Ray Tune trial vs `cxrtune train`.
+
+Both run the engine on the same prepared data and config; the figure is the wall
+time between consecutive per-epoch reports (so Tune's checkpoint persistence and
+result handling count against it), median over epochs 2..N. Target: <= 1.10x.
+
+    python bench/bench_tune_overhead.py [--epochs 6] [--image-size 64] [--backbone convnet5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from cxrtune.data.pipeline import prepare_data
+from cxrtune.engine import fit
+from cxrtune.search import experiment_dir, run_search
+from cxrtune.space import load_spec
+
+log = logging.getLogger("bench_tune_overhead")
+
+
+def spec_for(args, tmp: Path):
+    sets = [f"data.image_size={args.image_size}", f"fixed.model.backbone={args.backbone}",
+            f"fixed.loop.epochs={args.epochs}", "search.algorithm=grid", "search.scheduler.name=fifo",
+            "space=null", "space.sampler={choice: [oversample]}", "search.max_concurrent=1",
+            f"storage.path={tmp / 'ray'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "name=overhead"]
+    return load_spec("demo", sets)
+
+
+def train_epoch_times(spec, data, tmp: Path) -> list[float]:
+    stamps = [time.perf_counter()]
+    cfg = spec.trial_config({"sampler": "oversample"})
+    fit(cfg, data, lambda m, c: stamps.append(time.perf_counter()), workdir=tmp / "train")
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def tune_epoch_times(spec) -> list[float]:
+    from ray.tune import ExperimentAnalysis
+
+    run_search(spec)
+    df = ExperimentAnalysis(experiment_dir(spec)).trial_dataframes
+    (trial_df,) = df.values()
+    return trial_df["time_this_iter_s"].tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--backbone", default="convnet5")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = spec_for(args, Path(tmp))
+        data = prepare_data(spec.data, progress=False)
+        train_s = statistics.median(train_epoch_times(spec, data, Path(tmp))[1:])
+        tune_s = statistics.median(tune_epoch_times(spec)[1:])
+    ratio = tune_s / train_s
+    log.info("epoch time: cxrtune train %.2f s, inside a Tune trial %.2f s: %.3fx (target <= 1.10x)",
+             train_s, tune_s, ratio)
+    print(json.dumps({"bench": "tune_overhead", "backbone": args.backbone, "image_size": args.image_size,
+                      "train_epoch_s": round(train_s, 3), "tune_epoch_s": round(tune_s, 3),
+                      "ratio": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()

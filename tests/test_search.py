@@ -1,0 +1,208 @@
+"""The distributed search, with real parts: a two-node Ray cluster on this machine, a real
+`mlflow server` process, the driver killed with SIGKILL and resumed, an unreachable
+tracking server, and every bundled space in --debug mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from cxrtune.cli import app
+from cxrtune.space import bundled_spaces, load_spec
+from servers import free_port, kill_group, mlflow_server
+
+runner = CliRunner()
+
+# A tiny version of the demo space: 32 px, a few batches per epoch.
+TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
+        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def ray_cluster():
+    """A head node that only runs the driver (no CPUs for trials, like a real cluster's
+    head) and two one-CPU worker nodes, all on this machine."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    cluster.head_id = cluster.head_node.node_id
+    cluster.worker_ids = {w.node_id for w in workers}
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+GRID_SPACE = """
+name: grid
+data: {source: synthetic, image_size: 32, synthetic_n: 120}
+fixed:
+  model: {backbone: convnet5}
+  optimizer: {name: sgd, momentum: 0.0}
+  loop: {epochs: 3, batch_size: 16, max_train_batches: 4, max_eval_batches: 2}
+space:
+  optimizer.lr: {choice: [0.001, 0.003, 0.01, 1.0e+30]}
+search:
+  algorithm: grid
+  scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+  max_concurrent: 2
+"""
+
+
+def tiny_spec(tmp_path: Path, *extra: str):
+    return load_spec("demo", [*TINY, f"storage.path={tmp_path / 'ray'}", *extra])
+
+
+def children(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, kids
+
+
+def test_search_on_two_nodes_tracks_every_trial_in_a_real_mlflow_server(tmp_path, ray_cluster):
+    from cxrtune.search import run_search
+
+    # A grid so the outcome is known: one learning rate diverges to NaN, ASHA stops others.
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID_SPACE)
+    with mlflow_server(tmp_path / "mlflow") as (uri, _):
+        spec = load_spec(grid, [f"storage.path={tmp_path / 'ray'}", f"tracking.uri={uri}"])
+        summary = run_search(spec, address=ray_cluster.address)
+        client = MlflowClient(uri)
+        parents, kids = children(client, "cxrtune-grid")
+
+        assert summary["n_trials"] == 4 and summary["n_failed"] == 1
+        assert "test/f1_macro" in summary["test_metrics"] and summary["best_config"]["optimizer.lr"] < 1
+        assert summary["mlflow_skipped_calls"] == 0
+        # Trials ran on the worker nodes, reading the cached images through the object
+        # store: the driver's node has no CPUs for them.
+        from ray.tune import ExperimentAnalysis
+
+        frames = ExperimentAnalysis(summary["experiment_dir"]).trial_dataframes.values()
+        nodes = {n for df in frames if "node_id" in df for n in df["node_id"]}
+        assert nodes and nodes <= ray_cluster.worker_ids and ray_cluster.head_id not in nodes
+        # One parent run, one child per trial, nested under it.
+        (parent,) = parents
+        assert len(kids) == 4 and {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+        assert len({k.data.tags["cxrtune.trial_id"] for k in kids}) == 4
+        status = {k.data.params["optimizer.lr"]: k.data.tags["cxrtune.status"] for k in kids}
+        assert status["1e+30"] == "failed" and set(status.values()) <= {"completed", "stopped_early", "failed"}
+        failed = next(k for k in kids if k.data.tags["cxrtune.status"] == "failed")
+        assert "diverged" in failed.data.tags["cxrtune.error"] and failed.info.status == "FAILED"
+        done = next(k for k in kids if k.data.tags["cxrtune.status"] == "completed")
+        history = client.get_metric_history(done.info.run_id, "val/f1_macro")
+        assert [m.step for m in history] == [1, 2, 3]
+        # The parent holds the test evaluation, the best checkpoint and the registered model.
+        assert "test/accuracy" in parent.data.metrics and parent.data.params["data_fingerprint"]
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"confusion_matrix.json", "best_checkpoint"} <= artifacts
+        assert client.search_model_versions("name='cxrtune-best'")
+
+
+def _trial_states(exp: Path) -> dict[str, str]:
+    """trial id -> status, from Tune's experiment state snapshot."""
+    snapshots = sorted(exp.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:  # the newest one: each driver session writes its own
+        data = json.loads(snapshots[-1].read_text()) if snapshots else {}
+    except (OSError, ValueError):
+        return {}  # being rewritten
+    states = {}
+    for entry in data.get("trial_data", []):
+        meta = json.loads(entry[0]) if isinstance(entry, list) else entry
+        states[meta.get("trial_id")] = meta.get("status")
+    return states
+
+
+def _result_lines(exp: Path) -> dict[str, int]:
+    return {d.name: len((d / "result.json").read_text().splitlines())
+            for d in exp.iterdir() if (d / "result.json").exists()}
+
+
+def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_path):
+    args = ["search", "demo", *sum((["--set", s] for s in TINY), []), "--set", "search.num_samples=4",
+            "--set", "fixed.loop.epochs=3", "--set", "search.scheduler.name=fifo",
+            "--set", f"storage.path={tmp_path / 'ray'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    exe = [sys.executable, "-m", "cxrtune.cli"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    exp = tmp_path / "ray" / "demo"
+    with open(tmp_path / "first.log", "wb") as log:
+        driver = subprocess.Popen([*exe, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 240
+        while "TERMINATED" not in _trial_states(exp).values():
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        kill_group(driver)  # SIGKILL: no cleanup of any kind
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+    finished_before = {t for t, s in _trial_states(exp).items() if s == "TERMINATED"}
+    lines_before = _result_lines(exp)
+
+    resumed = subprocess.run([*exe, *args, "--resume", "--json"], capture_output=True, text=True, env=env,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)  # --json: stdout holds the result only
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0
+    lines_after = _result_lines(exp)
+    for trial_dir, n in lines_before.items():
+        if any(t in trial_dir for t in finished_before):
+            assert lines_after[trial_dir] == n  # finished trials were not re-run
+    parents, kids = children(MlflowClient(f"sqlite:///{tmp_path / 'm.db'}"), "cxrtune-demo")
+    assert len(parents) == 1 and len(kids) == 4
+    assert len({k.data.tags["cxrtune.trial_id"] for k in kids}) == 4  # no duplicate child runs
+
+
+def test_unreachable_tracking_server_does_not_stop_the_search(tmp_path, caplog):
+    from cxrtune.search import run_search
+
+    spec = tiny_spec(tmp_path, "search.num_samples=2", "fixed.loop.epochs=2",
+                     f"tracking.uri=http://127.0.0.1:{free_port()}")
+    summary = run_search(spec)
+    assert summary["n_trials"] == 2 and summary["test_metrics"]
+    assert any("MLflow" in r.message for r in caplog.records if r.levelname == "WARNING")
+    import ray
+
+    ray.shutdown()
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nspace:\n  optimizer.lr: {loguniform: [0, 0.1]}\n"
+                   "  preprocess.median_kernel: {choice: [3, 4]}\n")
+    r = runner.invoke(app, ["search", str(bad)])
+    assert r.exit_code == 2
+    assert "bad.yaml" in r.output and "optimizer.lr" in r.output and "median_kernel = 4" in r.output
+    assert not (tmp_path / "cxrtune_runs").exists()
+
+
+@pytest.mark.parametrize("space", bundled_spaces())
+def test_every_bundled_space_runs_in_debug_mode(tmp_path, space):
+    # The real-data spaces run here on the synthetic data, without pretrained files.
+    args = ["search", space, "--debug", "--json", "--set", "data.source=synthetic", "--set", "data.root=null",
+            "--set", "data.synthetic_n=120", "--set", "data.image_size=80", "--set", "fixed.loop.device=cpu"]
+    if load_spec(space).fixed.get("model", {}).get("weights", "none") != "none":
+        args += ["--set", "fixed.model.weights=none"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["epochs"] >= 1 and summary["point"]
