@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -25,12 +26,27 @@ from cxrtune.space import load_spec
 log = logging.getLogger("bench_tune_overhead")
 
 
+SPACE = """
+name: overhead
+data: {{source: synthetic, task: three_class, image_size: {size}}}
+fixed:
+  model: {{backbone: {backbone}}}
+  loop: {{epochs: {epochs}, batch_size: 32}}
+space:
+  sampler: {{choice: [oversample]}}
+search: {{algorithm: grid, scheduler: {{name: fifo}}, max_concurrent: 1}}
+# all of this machine for the one trial, as `cxrtune train` has (Ray sets OMP threads from it)
+resources: {{cpu: {cpus}}}
+tracking: {{uri: "sqlite:///{tmp}/mlflow.db", register_model: null}}
+storage: {{path: {tmp}/ray}}
+"""
+
+
 def spec_for(args, tmp: Path):
-    sets = [f"data.image_size={args.image_size}", f"fixed.model.backbone={args.backbone}",
-            f"fixed.loop.epochs={args.epochs}", "search.algorithm=grid", "search.scheduler.name=fifo",
-            "space=null", "space.sampler={choice: [oversample]}", "search.max_concurrent=1",
-            f"storage.path={tmp / 'ray'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "name=overhead"]
-    return load_spec("demo", sets)
+    f = tmp / "overhead.yaml"
+    f.write_text(SPACE.format(size=args.image_size, backbone=args.backbone, epochs=args.epochs, tmp=tmp,
+                              cpus=os.cpu_count()))
+    return load_spec(f)
 
 
 def train_epoch_times(spec, data, tmp: Path) -> list[float]:

@@ -271,7 +271,7 @@ def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test
     from .config import from_dict
 
     device = device or pick_device("auto")
-    state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     cfg = from_dict(TrialConfig, state["config"])
     # The checkpoint holds every weight: no pretrained file needs to be found again.
     model = build_model(dataclasses.replace(cfg.model, weights="none"), data.scheme.num_classes,
@@ -304,7 +304,10 @@ class Progress:
 
 
 def _rng_state(s: Setup) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array travels as a tensor so the checkpoint loads with weights_only=True.
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state(), "loader": s.generator.get_state()}
     if s.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(s.device)
@@ -313,7 +316,8 @@ def _rng_state(s: Setup) -> dict[str, Any]:
 
 def _set_rng_state(s: Setup, state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     s.generator.set_state(state["loader"])
     if "cuda" in state and s.device.type == "cuda":
@@ -344,9 +348,7 @@ def load_checkpoint(path: Path, s: Setup) -> Progress:
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
-    # The RNG states hold numpy arrays and tuples, so this trusted, self-written file is
-    # loaded with weights_only=False; model weights from users always use weights_only=True.
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = torch.load(file, map_location="cpu", weights_only=True)
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])

@@ -186,7 +186,8 @@ def _run_config(spec: SearchSpec, storage: str, callbacks: list):
         verbose=1,
         # A trial whose worker or node dies restarts from its last checkpoint.
         failure_config=tune.FailureConfig(max_failures=2),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.keep_checkpoints,
+                                                checkpoint_score_attribute=spec.metric,
                                                 checkpoint_score_order=spec.mode))
 
 
@@ -272,16 +273,10 @@ def _build_tuner(spec: SearchSpec, shared: SharedData, callbacks: list, resume: 
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, shared=shared),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    exp = experiment_dir(spec)
     if resume:
-        if not tune.Tuner.can_restore(exp):
-            raise ConfigError(f"--resume: no interrupted search to resume at {exp}; run without --resume")
-        log.info("resuming the search at %s (finished trials are kept, not re-run)", exp)
-        return tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=False)
-    if tune.Tuner.can_restore(exp):
-        raise ConfigError(
-            f"a search named {spec.name!r} already exists at {exp}; continue it with --resume, or "
-            f"give this one another name (--set name=...) or storage (--set storage.path=...)")
+        log.info("resuming the search at %s (finished trials are kept, not re-run)", experiment_dir(spec))
+        return tune.Tuner.restore(experiment_dir(spec), trainable, resume_unfinished=True,
+                                  resume_errored=False)
     alg, num_samples, param_space = _search_alg(spec)
     tune_config = tune.TuneConfig(
         metric=spec.metric, mode=spec.mode, search_alg=alg, scheduler=_scheduler(spec),
@@ -293,8 +288,39 @@ def _build_tuner(spec: SearchSpec, shared: SharedData, callbacks: list, resume: 
                       run_config=_run_config(spec, spec.storage.resolved(), callbacks))
 
 
+def _searches_named(spec: SearchSpec) -> list[str]:
+    """Names of the searches of this space already in storage: name, name-2, name-3, ..."""
+    from ray import tune
+
+    names, n = [], 1
+    while True:
+        name = spec.name if n == 1 else f"{spec.name}-{n}"
+        if not tune.Tuner.can_restore(experiment_dir(dataclasses.replace(spec, name=name))):
+            return names
+        names.append(name)
+        n += 1
+
+
+def with_run_name(spec: SearchSpec, resume: bool) -> SearchSpec:
+    """--resume continues the latest search of this space; otherwise a new one is started
+    beside earlier ones (demo, demo-2, ...), whose results are never touched."""
+    existing = _searches_named(spec)
+    if resume:
+        if not existing:
+            raise ConfigError(f"--resume: no search {spec.name!r} to resume in {spec.storage.resolved()}; "
+                              "run without --resume to start one")
+        return dataclasses.replace(spec, name=existing[-1])
+    if existing:
+        name = f"{spec.name}-{len(existing) + 1}"
+        log.info("earlier searches of %r are kept in %s; this one is %r (continue the last one with "
+                 "--resume)", spec.name, spec.storage.resolved(), name)
+        return dataclasses.replace(spec, name=name)
+    return spec
+
+
 def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the search ``spec``; returns a summary with the best trial and its test scores."""
+    spec = with_run_name(spec, resume)
     data = prepare_data(spec.data)
     state_path = _state_path(spec)
     state = _load_state(state_path) if resume else {}

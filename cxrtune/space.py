@@ -184,6 +184,10 @@ class StorageConfig:
     every node mounts, or an s3:// (or other pyarrow) URI."""
 
     path: str = "cxrtune_runs/ray_results"
+    # Checkpoints kept per trial (the best by the search metric). Tune snapshots the whole
+    # experiment each time a trial has saved this many since the last snapshot, stalling
+    # trials meanwhile: 2 cost 30 % of a 1.5 s epoch here, 5 cost 8 %.
+    keep_checkpoints: int = 5
 
     def resolved(self) -> str:
         """An absolute local path, or the URI unchanged."""
@@ -847,6 +851,8 @@ def _check_spec(spec: SearchSpec, problems: list[str]) -> None:
     r = spec.resources
     if not r.cpu > 0:
         problems.append(f"resources.cpu={r.cpu}: must be > 0 (e.g. 1)")
+    if spec.storage.keep_checkpoints < 1:
+        problems.append(f"storage.keep_checkpoints={spec.storage.keep_checkpoints}: must be >= 1 (e.g. 5)")
     if not r.gpu >= 0:
         problems.append(f"resources.gpu={r.gpu}: must be >= 0 (0 = CPU only; 0.25 = four trials share a GPU)")
     elif r.gpu > 1 and not float(r.gpu).is_integer():

@@ -40,7 +40,7 @@ def data(home):
 
 
 def weights(path):
-    return torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("sections", [

@@ -206,3 +206,18 @@ def test_every_bundled_space_runs_in_debug_mode(tmp_path, space):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert summary["epochs"] >= 1 and summary["point"]
+
+
+def test_a_new_search_never_overwrites_an_earlier_one_and_resume_takes_the_latest(tmp_path):
+    from cxrtune.errors import ConfigError
+    from cxrtune.search import with_run_name
+
+    spec = tiny_spec(tmp_path)
+    with pytest.raises(ConfigError, match="no search 'demo' to resume"):
+        with_run_name(spec, resume=True)
+    assert with_run_name(spec, resume=False).name == "demo"
+    for name in ("demo", "demo-2"):  # what Tune leaves behind for a search it can restore
+        (tmp_path / "ray" / name).mkdir(parents=True)
+        (tmp_path / "ray" / name / "tuner.pkl").write_bytes(b"")
+    assert with_run_name(spec, resume=False).name == "demo-3"
+    assert with_run_name(spec, resume=True).name == "demo-2"
