@@ -44,11 +44,11 @@ tracking: {{uri: "sqlite:///{tmp}/mlflow.db", register_model: null}}
 storage: {{path: {tmp}/ray}}
 """
 
-SEARCHES = {  # name -> (algorithm, scheduler)
-    "grid": ("grid", "{name: fifo}"),
-    "random": ("random", "{name: fifo}"),
-    "tpe_asha": ("optuna_tpe", "{name: asha, grace_period: 1, reduction_factor: 3}"),
-}
+def searches(grace: int, reduction: int) -> dict[str, tuple[str, str]]:
+    """name -> (algorithm, scheduler)"""
+    asha = f"{{name: asha, grace_period: {grace}, reduction_factor: {reduction}}}"
+    return {"grid": ("grid", "{name: fifo}"), "random": ("random", "{name: fifo}"),
+            "tpe_asha": ("optuna_tpe", asha)}
 
 
 def reports(spec) -> pd.DataFrame:
@@ -69,13 +69,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--grace", type=int, default=2, help="ASHA grace period (epochs)")
+    p.add_argument("--reduction", type=int, default=2, help="ASHA reduction factor")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     n = 3 * 2 * 2 * 2
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (algorithm, scheduler) in SEARCHES.items():
+        for name, (algorithm, scheduler) in searches(args.grace, args.reduction).items():
             f = Path(tmp) / f"{name}.yaml"
             f.write_text(SPACE.format(name=name, size=args.image_size, epochs=args.epochs, algorithm=algorithm,
                                       scheduler=scheduler, n=n, tmp=tmp))
@@ -85,7 +87,8 @@ def main() -> None:
     metric = runs["grid"][0].metric
     target = float(runs["grid"][1][metric].max())
     grid_epochs = epochs_to_reach(runs["grid"][1], metric, target)
-    result = {"bench": "search_efficiency", "metric": metric, "grid_best": round(target, 4), "trials": n}
+    result = {"bench": "search_efficiency", "metric": metric, "grid_best": round(target, 4), "trials": n,
+              "asha": {"grace_period": args.grace, "reduction_factor": args.reduction}}
     log.info("target: grid's best %s = %.4f (%d trials x %d epochs)", metric, target, n, args.epochs)
     for name, (spec, df) in runs.items():
         need = epochs_to_reach(df, metric, target)

@@ -150,7 +150,7 @@ def train_cmd(
     sets = list(overrides) + ([f"output_dir={output}"] if output else [])
     cfg = run(load_trial_config, config, sets)
     if debug:  # full tracebacks: the point of --debug is to see where it breaks
-        logging.getLogger().setLevel(logging.DEBUG)
+        logging.getLogger("cxrtune").setLevel(logging.DEBUG)
         summary = train(cfg, debug=True, resume=resume, overwrite=overwrite)
     else:
         summary = run(train, cfg, resume=resume, overwrite=overwrite)
@@ -199,7 +199,7 @@ def search_cmd(
 
     spec = _load_space(space, overrides)
     if debug:
-        logging.getLogger().setLevel(logging.DEBUG)
+        logging.getLogger("cxrtune").setLevel(logging.DEBUG)
         summary = debug_trial(spec)
         emit(summary, as_json, lambda r: typer.echo(
             f"debug trial at {r['point']}: {r['epochs']} epochs, {r['select_metric']} {r['best']:.4f}; "
