@@ -29,7 +29,8 @@ from .manifest import FINE_LABELS, OFFICIAL_SPLITS, Record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "LABEL_ALIASES", "SOURCES", "load_records"]
+__all__ = ["CORONAHACK_COLUMNS", "CORONAHACK_CSV", "CORONAHACK_IMAGES", "IMAGE_EXTENSIONS", "LABEL_ALIASES",
+           "SOURCES", "load_records"]
 
 Adapter = Callable[[Path], list[Record]]
 
@@ -257,9 +258,11 @@ def _require_files(records: list[Record], manifest: Path) -> None:
 
 # --------------------------------------------------------------------------- coronahack
 
-_CH_CSV = "Chest_xray_Corona_Metadata.csv"
-_CH_IMAGES = "Coronahack-Chest-XRay-Dataset"
-_CH_COLUMNS = ("X_ray_image_name", "Label", "Dataset_type", "Label_2_Virus_category", "Label_1_Virus_category")
+# Public: the synthetic dataset writes this layout with the same names.
+CORONAHACK_CSV = "Chest_xray_Corona_Metadata.csv"
+CORONAHACK_IMAGES = "Coronahack-Chest-XRay-Dataset"
+CORONAHACK_COLUMNS = ("X_ray_image_name", "Label", "Dataset_type", "Label_2_Virus_category",
+                      "Label_1_Virus_category")
 # "Pnemonia" is how the real file spells it.
 _CH_LABEL = {"normal": "normal", "pnemonia": "pneumonia", "pneumonia": "pneumonia"}
 _CH_SPLIT = {"train": "train", "test": "test"}
@@ -281,28 +284,28 @@ def _coronahack_label(label: str, label_2: str, label_1: str) -> str:
 
 def _coronahack_image_dir(csv_dir: Path) -> Path:
     """The folder holding ``train/`` and ``test/``; downloads nest it once or twice."""
-    for candidate in (csv_dir / _CH_IMAGES / _CH_IMAGES, csv_dir / _CH_IMAGES, csv_dir):
+    for candidate in (csv_dir / CORONAHACK_IMAGES / CORONAHACK_IMAGES, csv_dir / CORONAHACK_IMAGES, csv_dir):
         if candidate.is_dir() and {"train", "test"} & _child_dirs(candidate).keys():
             return candidate
     raise DataError(
-        f"found {_CH_CSV} in {str(csv_dir)!r} but no image folder "
-        f"{_CH_IMAGES}/{_CH_IMAGES}/{{train,test}}/ (or {_CH_IMAGES}/{{train,test}}/) next to it; "
+        f"found {CORONAHACK_CSV} in {str(csv_dir)!r} but no image folder "
+        f"{CORONAHACK_IMAGES}/{CORONAHACK_IMAGES}/{{train,test}}/ (or {CORONAHACK_IMAGES}/{{train,test}}/) next to it; "
         f"fix: unpack the whole Kaggle archive, not only the CSV"
     )
 
 
-@_source("coronahack", f"{_CH_CSV} next to {_CH_IMAGES}/{_CH_IMAGES}/{{train,test}}/*.jpeg")
+@_source("coronahack", f"{CORONAHACK_CSV} next to {CORONAHACK_IMAGES}/{CORONAHACK_IMAGES}/{{train,test}}/*.jpeg")
 def coronahack(root: Path) -> list[Record]:
     """Kaggle praveengovi/coronahack-chest-xraydataset: labels from the metadata CSV."""
-    csv_dir = _find_dir(root, lambda d: (d / _CH_CSV).is_file())
+    csv_dir = _find_dir(root, lambda d: (d / CORONAHACK_CSV).is_file())
     if csv_dir is None:
         raise DataError(
-            f"metadata file {_CH_CSV} not found in {str(root)!r} or up to {_SEARCH_DEPTH} levels "
+            f"metadata file {CORONAHACK_CSV} not found in {str(root)!r} or up to {_SEARCH_DEPTH} levels "
             f"below it; fix: point the root at the folder the Kaggle CoronaHack archive unpacks to"
         )
-    csv_path = csv_dir / _CH_CSV
+    csv_path = csv_dir / CORONAHACK_CSV
     df = _read_csv(csv_path)
-    _require_columns(df, _CH_COLUMNS, csv_path)
+    _require_columns(df, CORONAHACK_COLUMNS, csv_path)
     for column, table in (("Label", _CH_LABEL), ("Dataset_type", _CH_SPLIT),
                           ("Label_2_Virus_category", _CH_LABEL_2), ("Label_1_Virus_category", _CH_LABEL_1)):
         _check_values(df, column, lambda v, t=table: _key(v) in t,
@@ -319,7 +322,7 @@ def coronahack(root: Path) -> list[Record]:
             patient_id=_parse_kermany_name(Path(name.strip()).stem)[0],
             split=_CH_SPLIT[_key(split)],
         )
-        for name, label, split, l2, l1 in df[list(_CH_COLUMNS)].itertuples(index=False)
+        for name, label, split, l2, l1 in df[list(CORONAHACK_COLUMNS)].itertuples(index=False)
     ]
     _require_files(records, csv_path)
     return records

@@ -48,21 +48,15 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from .sources import CORONAHACK_COLUMNS as METADATA_COLUMNS
+from .sources import CORONAHACK_CSV, CORONAHACK_IMAGES
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_VERSION = 1
 MARKER_NAME = ".cxrtune-synthetic.json"
-CORONAHACK_CSV = "Chest_xray_Corona_Metadata.csv"
-CORONAHACK_DIR = ("Coronahack-Chest-XRay-Dataset", "Coronahack-Chest-XRay-Dataset")
-CORONAHACK_COLUMNS = (
-    "",
-    "X_ray_image_name",
-    "Label",
-    "Dataset_type",
-    "Label_2_Virus_category",
-    "Label_1_Virus_category",
-)
+CORONAHACK_DIR = (CORONAHACK_IMAGES, CORONAHACK_IMAGES)
+CORONAHACK_COLUMNS = ("", *METADATA_COLUMNS)  # the real file's first column has no name
 KERMANY_DIR = "chest_xray"
 
 CLASSES = ("normal", "bacterial", "viral", "covid")
