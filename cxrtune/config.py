@@ -20,13 +20,16 @@ import yaml
 
 from .data.augment import AugmentConfig
 from .data.cxrnorm import CXRNormConfig
+from .data.labels import SCHEMES
+from .data.samplers import SAMPLERS
+from .data.sources import SOURCES
 from .errors import ConfigError
 from .losses import LossConfig
+from .metrics import check_metric_name
 from .models import ModelConfig
 from .optim import OptimConfig, ScheduleConfig
 
 C = TypeVar("C")
-
 
 
 def cxrtune_home() -> Path:
@@ -67,9 +70,6 @@ class DataConfig:
 
     def validate(self, where: str = "data") -> None:
         """Check values that a type alone does not constrain; all problems at once."""
-        from .data.labels import SCHEMES  # lazily: the data package imports this module
-        from .data.sources import SOURCES
-
         problems = []
         sources = ["synthetic", *SOURCES.names()]
         if self.source not in sources:
@@ -156,10 +156,6 @@ class TrialConfig:
 
     def validate(self) -> None:
         """Every section's checks plus the cross-section ones; all problems in one error."""
-        from .data.labels import SCHEMES
-        from .data.samplers import SAMPLERS
-        from .metrics import check_metric_name
-
         problems: list[str] = []
         checks = [self.data.validate, self.preprocess.validate, self.augment.validate,
                   self.model.validate, self.optimizer.validate, self.schedule.validate,

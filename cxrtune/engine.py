@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import TrialConfig, to_dict
+from .config import TrialConfig, from_dict, to_dict
 from .data.augment import eval_transform, train_transform
 from .data.cxrnorm import normalized
 from .data.dataset import CachedImages, channel_stats
@@ -268,8 +268,6 @@ class Evaluation:
 def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test",
                         device: Optional[torch.device] = None) -> Evaluation:
     """Score a saved checkpoint on ``split`` (the held-out test split by default)."""
-    from .config import from_dict
-
     device = device or pick_device("auto")
     state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     cfg = from_dict(TrialConfig, state["config"])

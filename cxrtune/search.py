@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from .config import DataConfig, to_dict
@@ -32,6 +33,7 @@ from .engine import TrainingDiverged, evaluate_checkpoint, fit
 from .errors import ConfigError
 from .space import SearchSpec, define_by_run, grid_points, optuna_sampler
 from .tracking import Tracker
+from .train import train
 
 # The classic CLIReporter progress table (trial, status, epoch, metric); must be set
 # before Ray Tune is imported.
@@ -214,15 +216,10 @@ def _init_ray(address: Optional[str]) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import mlflow  # noqa: F401  (versions only; tracking.py does the logging)
-    import optuna
-    import ray
-    import torch
+    """Installed versions, read from package metadata (nothing is imported for it)."""
+    from importlib.metadata import version
 
-    from . import __version__
-
-    return {"cxrtune": __version__, "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "mlflow": mlflow.__version__}
+    return {name: version(name) for name in ("cxrtune", "torch", "ray", "optuna", "mlflow")}
 
 
 def _git_commit() -> str:
@@ -407,10 +404,6 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
 
 def debug_trial(spec: SearchSpec, output: Optional[str] = None) -> dict[str, Any]:
     """`cxrtune search --debug`: one point of the space, in-process, no Ray (as `train --debug`)."""
-    import optuna
-
-    from .train import train
-
     if spec.search.algorithm == "grid":
         point = grid_points(spec)[0]
     else:

@@ -49,7 +49,10 @@ import optuna
 import yaml
 
 from .config import DataConfig, TrialConfig, apply_overrides, from_dict, read_yaml
+from .data.labels import SCHEMES
 from .errors import ConfigError
+from .metrics import check_metric_name
+from .models import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -724,8 +727,6 @@ def _to_field_type(value: Any, ftype: Any) -> Any:
 
 def _extra_problems(cfg: TrialConfig) -> list[str]:
     """Checks across sections that TrialConfig.validate leaves to build time."""
-    from .models import BACKBONES
-
     if cfg.model.backbone in BACKBONES:
         spec = BACKBONES.get(cfg.model.backbone)
         min_size = getattr(spec, "min_size", 0)
@@ -770,9 +771,6 @@ def _satisfying(p: Param, by_name: dict[str, Param], depth: int = 0) -> dict[str
 
 
 def _check_spec(spec: SearchSpec, problems: list[str]) -> None:
-    from .data.labels import SCHEMES
-    from .metrics import check_metric_name
-
     s = spec.search
     # the fixed settings themselves
     base_issues = _config_problems(spec, {})

@@ -586,6 +586,12 @@ def _confusion_png(cm: Any, names: Sequence[str], path: Path) -> Path:
 # ------------------------------------------------------------------ the Tune callback
 
 
+def _epoch_of(result: Mapping[str, Any]) -> float:
+    """The engine's epoch of a Tune result (Tune's iteration count when it has none)."""
+    epoch = _number(result.get("epoch"))
+    return epoch if epoch is not None else (_number(result.get("training_iteration")) or 0.0)
+
+
 class _TrialLogging:
     """What the Tune callback does; Ray-free, mixed into the ray.tune.Callback subclass.
 
@@ -680,12 +686,17 @@ class _TrialLogging:
 
     # ------------------------------------------------------ hooks
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _active(self) -> Optional[Tracker]:
+        """The tracker to log to, or None (a call on a tracker that is off counts as skipped)."""
         t = self.tracker
-        if t is None:
-            return
-        if not t.enabled:
+        if t is not None and not t.enabled:
             t.skipped += 1
+            return None
+        return t
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self._active()
+        if t is None:
             return
         tid = str(trial.trial_id)
         known = tid in self._runs
@@ -705,17 +716,14 @@ class _TrialLogging:
             return
         tid = str(trial.trial_id)
         flat = flatten(result, sep="/")
-        epoch = _number(flat.get("epoch"))
-        if epoch is None:
-            epoch = _number(flat.get("training_iteration")) or 0.0
+        epoch = _epoch_of(flat)
         # Tune sets done=True on the result it passes here when the scheduler (ASHA) or a
         # stopper stops the trial; a trial that ends by itself is done after its last result.
         self._last[tid] = (int(epoch), bool(flat.get("done", False)))
         self._see_best(tid, _number(flat.get(self.metric)))
         metrics = {k: v for k, v in flat.items()
                    if k.startswith(METRIC_PREFIXES) or k in METRIC_KEYS}
-        if not t.enabled:
-            t.skipped += 1
+        if self._active() is None:
             return
         run_id = self._run_for(trial)
         if run_id is not None:
@@ -723,11 +731,8 @@ class _TrialLogging:
 
     def _finish(self, trial: Any, status_tag: str, run_status: str, extra_tags: Mapping[str, str],
                 epoch: int) -> None:
-        t = self.tracker
+        t = self._active()
         if t is None:
-            return
-        if not t.enabled:
-            t.skipped += 1
             return
         run_id = self._run_for(trial)
         if run_id is None:
@@ -747,11 +752,7 @@ class _TrialLogging:
         if tid in self._last:
             epoch, done = self._last[tid]
             return epoch, done
-        last = getattr(trial, "last_result", None) or {}
-        epoch = _number(last.get("epoch"))
-        if epoch is None:
-            epoch = _number(last.get("training_iteration")) or 0.0
-        return int(epoch), None  # no result seen by this driver: the done flag is unknown
+        return int(_epoch_of(getattr(trial, "last_result", None) or {})), None  # no result seen by this driver: the done flag is unknown
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epoch, done = self._last_epoch(trial)

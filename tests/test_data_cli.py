@@ -1,9 +1,9 @@
 """End to end through the CLI: synthetic files on disk -> adapters -> cache -> split -> inspect."""
 
 import json
+import os
 import shutil
 import subprocess
-import sys
 
 import cv2
 import pytest
@@ -134,6 +134,5 @@ def test_console_script_help():
         out = subprocess.run([exe, *args, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "Usage" in out.stdout, (args, out.stderr)
     bad = subprocess.run([exe, "data", "cache", "--task", "nope"], capture_output=True, text=True,
-                         timeout=120, env={**__import__("os").environ, "CXRTUNE_HOME": "/tmp/none"})
+                         timeout=120, env={**os.environ, "CXRTUNE_HOME": "/tmp/none"})
     assert bad.returncode == 2 and "unknown task" in bad.stderr
-    assert sys.executable
