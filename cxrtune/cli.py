@@ -11,9 +11,19 @@ from typing import Any, Optional
 import typer
 
 from .config import DataConfig, from_dict
-from .errors import CxrtuneError
+from .errors import CxrtuneError, SearchFailed, SearchInterrupted
+
+
+def _flags_without_type(self: Any, ctx: Any) -> Optional[str]:
+    """typer 0.29 labels on/off flags ``<bool>`` in --help, as if they took a value."""
+    return None if getattr(self, "is_flag", False) else _option_type(self, ctx)
+
+
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flags_without_type
 
 app = typer.Typer(help="Hyperparameter search for chest X-ray classification.", no_args_is_help=True,
+                  rich_markup_mode="markdown",  # paragraphs re-flow to the terminal width
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: generate, inspect, split and cache.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -30,22 +40,32 @@ RESPLIT = typer.Option(None, "--resplit-test/--official-test", help="Draw a new 
 BAD = typer.Option(None, "--on-bad-image", help="error | skip.")
 CACHE = typer.Option(None, "--cache-dir", help="Where caches and splits live (default cxrtune_data/cache).")
 WORKERS = typer.Option(None, "--workers", help="Decoding processes (0 = all cores).")
+VAL_FRACTION = typer.Option(None, "--val-fraction", help="Share of train+val drawn as val, by whole patients (default 0.2).")
+TEST_FRACTION = typer.Option(None, "--test-fraction", help="Share drawn as test when there is no official test split, or with --resplit-test (default 0.2).")
+MIN_COUNT = typer.Option(None, "--min-class-count", help="A task class with fewer images is an error "
+                         "(default 3); lower it to train on a rare class anyway.")
 JSON = typer.Option(False, "--json", help="Print one JSON object (for scripts) instead of a table.")
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="Debug logging, and Ray's, Optuna's and MLflow's messages.")) -> None:
+    from .logs import configure
+
+    configure(verbose)
 
 
 def run(fn, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; a user-input error becomes a one-paragraph message and exit code 2."""
+    """Call ``fn``; a user-input error becomes a one-paragraph message and exit code 2, a
+    search whose every trial failed (or that was interrupted) a message and exit code 1."""
     try:
         return fn(*args, **kwargs)
     except CxrtuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except (SearchFailed, SearchInterrupted) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def data_config(**options: Any) -> DataConfig:
@@ -94,24 +114,36 @@ def data_synth(
 @data_app.command("inspect")
 def data_inspect(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task: Optional[str] = TASK,
                  image_size: Optional[int] = SIZE, split_seed: Optional[int] = SEED,
-                 resplit_test: Optional[bool] = RESPLIT, cache_dir: Optional[str] = CACHE,
-                 workers: Optional[int] = WORKERS,
+                 resplit_test: Optional[bool] = RESPLIT, min_class_count: Optional[int] = MIN_COUNT,
+                 val_fraction: Optional[float] = VAL_FRACTION, test_fraction: Optional[float] = TEST_FRACTION,
+                 cache_dir: Optional[str] = CACHE, workers: Optional[int] = WORKERS,
                  min_similarity: float = typer.Option(0.99, "--min-similarity", help="Near-duplicate threshold: cosine similarity of perceptual signatures."),
                  as_json: bool = JSON) -> None:
-    """Class counts per split, image sizes, unreadable files, duplicates and leakage."""
+    """Audit a dataset: class counts per split, patients, fine labels, what the task drops and
+    why, image sizes, unreadable files, near-duplicates, and the problems that would stop or
+    bias training. Builds no image cache.
+
+    Exit codes: 0 report printed; 1 report printed and leakage found (one file in two splits,
+    classes or patients, or near-duplicates across splits); 2 bad arguments or no dataset.
+    """
     from .data.inspect import inspect_data
     from .report_text import render_inspect
 
     cfg = data_config(source=source, root=root, task=task, image_size=image_size, split_seed=split_seed,
-                      resplit_test=resplit_test, cache_dir=cache_dir, workers=workers)
+                      resplit_test=resplit_test, min_class_count=min_class_count, cache_dir=cache_dir,
+                      workers=workers, val_fraction=val_fraction, test_fraction=test_fraction)
     result = run(inspect_data, cfg, min_similarity=min_similarity, progress=not as_json)
     emit(result, as_json, render_inspect)
+    if result["leakage"]:
+        raise typer.Exit(1)
 
 
 @data_app.command("cache")
 def data_cache(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task: Optional[str] = TASK,
                image_size: Optional[int] = SIZE, split_seed: Optional[int] = SEED,
                resplit_test: Optional[bool] = RESPLIT, on_bad_image: Optional[str] = BAD,
+               min_class_count: Optional[int] = MIN_COUNT,
+               val_fraction: Optional[float] = VAL_FRACTION, test_fraction: Optional[float] = TEST_FRACTION,
                cache_dir: Optional[str] = CACHE, workers: Optional[int] = WORKERS,
                as_json: bool = JSON) -> None:
     """Build the image cache and the split ahead of a search (the synthetic default if no --source)."""
@@ -120,7 +152,8 @@ def data_cache(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, task:
 
     cfg = data_config(source=source, root=root, task=task, image_size=image_size, split_seed=split_seed,
                       resplit_test=resplit_test, on_bad_image=on_bad_image, cache_dir=cache_dir,
-                      workers=workers)
+                      workers=workers, min_class_count=min_class_count, val_fraction=val_fraction,
+                      test_fraction=test_fraction)
     data = run(prepare_data, cfg, progress=not as_json)
     result = {
         "source": cfg.source, "root": str(cfg.resolved_root()), "task": cfg.task,
@@ -140,20 +173,31 @@ def train_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Override a config value: --set optimizer.lr=0.01"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (config output_dir)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint folder to continue from."),
+    resume_with_changes: bool = typer.Option(
+        False, "--resume-with-changes",
+        help="Resume although the config differs from the checkpoint's (lr, rho, ...); "
+             "epochs, output, batch caps, workers and device may always differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the output folder."),
     as_json: bool = JSON,
 ) -> None:
-    """Train one trial in-process, without Ray (the local single-GPU / CPU debug mode)."""
+    """Train one trial in-process, without Ray (the local single-GPU / CPU debug mode).
+    --debug writes to <output>-debug."""
     from .config import load_trial_config
+    from .engine import TrainingDiverged
     from .train import train
 
     sets = list(overrides) + ([f"output_dir={output}"] if output else [])
     cfg = run(load_trial_config, config, sets)
-    if debug:  # full tracebacks: the point of --debug is to see where it breaks
+    if debug:  # full tracebacks for bugs: the point of --debug is to see where it breaks
         logging.getLogger("cxrtune").setLevel(logging.DEBUG)
-        summary = train(cfg, debug=True, resume=resume, overwrite=overwrite)
-    else:
-        summary = run(train, cfg, resume=resume, overwrite=overwrite)
+    try:
+        # user-input errors (and a diverged run) are one line in both modes: a traceback
+        # would not help to fix a config
+        summary = run(train, cfg, debug=debug, resume=resume, overwrite=overwrite,
+                      resume_with_changes=resume_with_changes)
+    except TrainingDiverged as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     emit(summary, as_json, lambda r: typer.echo(
         f"{r['epochs']} epochs; best {r['select_metric']} {r['best']:.4f} at epoch {r['best_epoch']}; "
         f"results in {r['output_dir']}"))
@@ -173,8 +217,14 @@ def validate_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Override a value: --set search.num_samples=4"),
     as_json: bool = JSON,
 ) -> None:
-    """Validate a search-space YAML (every problem at once) without starting anything."""
+    """Validate a search-space YAML (every problem at once) without starting anything.
+
+    Also checks what it names on this machine: the dataset root and its images, and the
+    pretrained weights files."""
+    from .space import check_inputs
+
     spec = _load_space(space, overrides)
+    run(check_inputs, spec)
     result = {"name": spec.name, "file": spec.file, "valid": True, "params": [p.name for p in spec.params],
               "algorithm": spec.search.algorithm, "scheduler": spec.search.scheduler.name,
               "metric": spec.metric, "mode": spec.mode, "max_epochs": spec.max_epochs}
@@ -192,8 +242,11 @@ def search_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Override a value: --set search.num_samples=4 --set fixed.loop.epochs=3"),
     as_json: bool = JSON,
 ) -> None:
-    """Search the space with Ray Tune (Optuna TPE + ASHA), track every trial in MLflow,
-    then score the best trial once on the held-out test split."""
+    """Search a space with Ray Tune, Optuna TPE and ASHA; track it in MLflow.
+
+    Every trial is logged to MLflow; the best trial (by validation) is then scored once
+    on the held-out test split and its model registered. Exit codes: 0 done, 1 every
+    trial failed or the search was interrupted (resume it with --resume), 2 bad input."""
     from .report_text import render_search
     from .search import debug_trial, run_search
 

@@ -8,26 +8,30 @@ file are collected and reported together, so a user fixes a YAML in one pass.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Collection, Mapping, Sequence, TypeVar
 
 import yaml
 
-from .data.augment import AugmentConfig
-from .data.cxrnorm import CXRNormConfig
+# the components' light modules: configs (and so `cxrtune validate`) never import torch
+from .data.augment_config import AugmentConfig
+from .data.cxrnorm_config import CXRNormConfig
 from .data.labels import SCHEMES
-from .data.samplers import SAMPLERS
+from .data.sampler_names import SAMPLERS
 from .data.sources import SOURCES
 from .errors import ConfigError
-from .losses import LossConfig
+from .loss_config import LossConfig
 from .metrics import check_metric_name
-from .models import ModelConfig
-from .optim import OptimConfig, ScheduleConfig
+from .model_config import ModelConfig
+from .optim_config import OptimConfig, ScheduleConfig
+from .selection import resolve_mode
 
 C = TypeVar("C")
 
@@ -107,7 +111,9 @@ class LoopConfig:
     eval_batch_size: int = 128
     seed: int = 0
     select_metric: str = "val/f1_macro"  # what the best checkpoint (and the search) selects on
-    select_mode: str = "max"  # max | min
+    # None: follows from select_metric (losses / ece are minimised, the rest maximised);
+    # an explicit max | min must agree with the metric (see cxrtune.selection)
+    select_mode: str | None = None
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     grad_clip: float = 0.0  # max gradient norm (0 = off)
     aux_loss_weight: float = 0.4  # Inception's auxiliary classifier
@@ -125,8 +131,10 @@ class LoopConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{where}.{name}={getattr(self, name)}: must be an integer >= 1")
-        if self.select_mode not in ("max", "min"):
-            problems.append(f"{where}.select_mode={self.select_mode!r}: must be 'max' or 'min'")
+        try:
+            resolve_mode(self.select_metric, self.select_mode, f"{where}.select_mode")
+        except ConfigError as exc:
+            problems.append(str(exc))
         for name in ("early_stopping_patience", "num_workers", "max_train_batches", "max_eval_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"{where}.{name}={getattr(self, name)}: must be >= 0")
@@ -136,6 +144,12 @@ class LoopConfig:
             problems.append(f"{where}.device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         if problems:
             raise ConfigError("invalid loop config:\n  " + "\n  ".join(problems))
+
+    @property
+    def mode(self) -> str:
+        """The direction of select_metric ("max" or "min"): best checkpoint, plateau
+        schedule and early stopping all use this one value."""
+        return resolve_mode(self.select_metric, self.select_mode, "loop.select_mode")
 
 
 @dataclass(frozen=True)
@@ -159,7 +173,7 @@ class TrialConfig:
         problems: list[str] = []
         checks = [self.data.validate, self.preprocess.validate, self.augment.validate,
                   self.model.validate, self.optimizer.validate, self.schedule.validate,
-                  self.loop.validate, lambda: SAMPLERS.get(self.sampler, where="sampler")]
+                  self.loop.validate, lambda: SAMPLERS.check(self.sampler, where="sampler")]
         for check in checks:
             try:
                 check()
@@ -181,6 +195,11 @@ class TrialConfig:
 def load_trial_config(path: str | Path | None, overrides: list[str] = ()) -> TrialConfig:
     """A validated TrialConfig from a YAML file (or the defaults) plus --set overrides."""
     data = read_yaml(path) if path else {}
+    if path and not data:
+        # An empty file is almost always a mistake (wrong file, truncated write); silently
+        # training the built-in 50-epoch defaults would hide it.
+        raise ConfigError(f"config file {path} is empty: put the settings in it (see "
+                          "configs/baseline.yaml), or leave out the file to train the built-in defaults")
     cfg = from_dict(TrialConfig, apply_overrides(data, list(overrides)), "", str(path or "defaults"))
     try:
         cfg.validate()
@@ -192,7 +211,11 @@ def load_trial_config(path: str | Path | None, overrides: list[str] = ()) -> Tri
 # ---------------------------------------------------------------- generic loading
 
 
-def _type_name(tp: Any) -> str:
+# YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; YAML 1.2 and users read a number.
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -210,7 +233,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             out = _coerce(value, arg, key, trial)
             if not trial:
                 return out
-        problems.append(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        problems.append(f"{key}={value!r}: expected {' or '.join(type_name(a) for a in args)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -231,6 +254,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
     if tp is bool and not isinstance(value, bool):
         problems.append(f"{key}={value!r}: expected true or false")
         return value
@@ -238,7 +263,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}={value!r}: expected an integer")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        problems.append(f"{key}={value!r}: expected {_type_name(tp)}")
+        problems.append(f"{key}={value!r}: expected {type_name(tp)}")
     return value
 
 
@@ -288,22 +313,47 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to nested config data."""
-    out = typing.cast(dict, yaml.safe_load(yaml.safe_dump(data)) or {})
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str],
+                    flat_sections: Collection[str] = ()) -> dict[str, Any]:
+    """A copy of nested config ``data`` with ``key.sub=value`` overrides applied (values
+    parsed as YAML); key order is kept.
+
+    Below a section named in ``flat_sections`` (a search space's ``space``) the entries'
+    names are dotted themselves: ``space.optimizer.lr.low=...`` sets ``low`` of the entry
+    ``optimizer.lr``, ``space.model.dropout={...}`` sets (or adds) the entry
+    ``model.dropout`` and ``space.sampler=null`` removes the entry ``sampler``."""
+    out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. data.task=binary")
         key, raw = item.split("=", 1)
+        path = _override_path(out, key.strip().split("."), flat_sections)
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-            node = nxt
-        node[parts[-1]] = yaml.safe_load(raw)
+            node = node[part]
+        value = yaml.safe_load(raw)
+        if value is None and len(path) > 1 and path[0] in flat_sections:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
     return out
+
+
+def _override_path(data: Mapping[str, Any], parts: list[str], flat_sections: Collection[str]) -> list[str]:
+    """The keys an override walks. Below a flat section one key is a dotted name: the
+    longest existing entry that starts the rest of the key, else the whole rest."""
+    if len(parts) < 2 or parts[0] not in flat_sections:
+        return parts
+    section = data.get(parts[0]) or {}
+    rest = ".".join(parts[1:])
+    owner = max((k for k in section if isinstance(k, str) and (rest == k or rest.startswith(k + "."))),
+                key=len, default=rest)
+    tail = rest[len(owner) + 1:]
+    return [parts[0], owner, *(tail.split(".") if tail else [])]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

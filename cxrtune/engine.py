@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +21,30 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from .atomic import replacing_dir
 from .config import TrialConfig, from_dict, to_dict
 from .data.augment import eval_transform, train_transform
 from .data.cxrnorm import normalized
 from .data.dataset import CachedImages, channel_stats
 from .data.pipeline import PreparedData
 from .data.samplers import SAMPLERS
+from .errors import ConfigError
 from .losses import build_loss
 from .metrics import confusion, scheme_metrics
-from .models import build_model, input_size, logits_and_aux, set_backbone_frozen
+from .models import (build_model, input_size, keep_frozen_batchnorm_in_eval, logits_and_aux,
+                     set_backbone_frozen)
 from .optim import (build_optimizer, build_scheduler, disable_running_stats, enable_running_stats,
                     is_second_order)
+from .selection import BestSoFar
 
 log = logging.getLogger(__name__)
+
+# cuBLAS reads this when it creates its first handle, which may be long before a trial
+# asks for determinism (an earlier trial of the same Ray worker, a benchmark): set it
+# at import, before any CUDA work. It only reserves a small fixed workspace.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 Report = Callable[[dict[str, float], Path], None]
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,14 +69,73 @@ def pick_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed every RNG and set the process-wide determinism switches both ways: a reused
+    Ray worker must not carry one trial's determinism (or lack of it) into the next."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: a few CUDA kernels have no deterministic version; the run goes on.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: a few CUDA kernels have no deterministic version; the run goes on.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    # benchmark picks the fastest (possibly nondeterministic) kernels for the fixed input size
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (e.g. seed, epoch, position), well mixed."""
+    state = np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler):
+    """Wraps the training sampler so that an epoch's draws are a function of (seed, epoch).
+
+    ``set_epoch`` reseeds the sampler's generator, and every index is yielded as
+    ``(epoch, position, index)`` for :class:`SeededItems`. No sampler or worker RNG
+    state then needs to be checkpointed: a resumed run, with or without DataLoader
+    workers (persistent or not), draws exactly what a straight run draws."""
+
+    def __init__(self, inner: Sampler, generator: torch.Generator, seed: int) -> None:
+        self.inner, self.generator, self.seed = inner, generator, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(derived_seed(self.seed, epoch))
+
+    def __iter__(self):
+        epoch = self.epoch
+        for position, index in enumerate(self.inner):
+            yield epoch, position, index
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` with the augmentation RNG seeded from (seed, epoch, position).
+
+    Worker processes have their own RNG streams, which a checkpoint cannot capture;
+    seeding per item makes each image's augmentation independent of which worker (or
+    the main process) draws it. The caller's RNG state is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, position, index = key
+        # the CPU generator alone (augmentation runs on CPU tensors): torch.manual_seed
+        # and fork_rng also visit every accelerator backend, ~50x slower per image
+        rng = torch.default_generator
+        saved = rng.get_state()
+        try:
+            rng.manual_seed(derived_seed(self.seed, epoch, position))
+            return self.dataset[index]
+        finally:
+            rng.set_state(saved)
 
 
 @dataclass
@@ -94,13 +161,19 @@ def _loaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray,
     size = data.cache.size
     train = CachedImages(images, train_rows, train_y, train_transform(cfg.augment, size, mean, std))
     val = CachedImages(images, data.rows("val"), data.targets("val"), eval_transform(mean, std))
-    sampler = SAMPLERS.get(cfg.sampler)(train_y, generator)
     loop = cfg.loop
+    inner = SAMPLERS.get(cfg.sampler)(train_y, generator) or RandomSampler(train, generator=generator)
+    sampler = EpochSampler(inner, generator, loop.seed)
+    # The loaders' own generators only seed worker processes (overridden per item by
+    # SeededItems); without them DataLoader draws from the global RNG, and a resumed
+    # run (fresh persistent workers) would draw once more than a straight one.
     # A last batch of one image breaks BatchNorm; dropping it costs < 1 batch per epoch.
-    train_loader = DataLoader(train, batch_size=loop.batch_size, sampler=sampler, shuffle=sampler is None,
-                              generator=generator, num_workers=loop.num_workers,
-                              drop_last=len(train) > loop.batch_size, persistent_workers=loop.num_workers > 0)
-    val_loader = DataLoader(val, batch_size=loop.eval_batch_size, num_workers=loop.num_workers)
+    train_loader = DataLoader(SeededItems(train, loop.seed), batch_size=loop.batch_size, sampler=sampler,
+                              generator=torch.Generator().manual_seed(loop.seed),
+                              num_workers=loop.num_workers, drop_last=len(train) > loop.batch_size,
+                              persistent_workers=loop.num_workers > 0)
+    val_loader = DataLoader(val, batch_size=loop.eval_batch_size, num_workers=loop.num_workers,
+                            generator=torch.Generator().manual_seed(loop.seed))
     return train_loader, val_loader, (mean, std)
 
 
@@ -126,16 +199,28 @@ def build_setup(cfg: TrialConfig, data: PreparedData, device: torch.device) -> S
     criterion = build_loss(cfg.loss, counts.tolist()).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     steps = _steps_per_epoch(cfg, len(train_loader))
-    scheduler = build_scheduler(cfg.schedule, optimizer, cfg.loop.epochs, steps, mode=cfg.loop.select_mode)
+    scheduler = build_scheduler(cfg.schedule, optimizer, cfg.loop.epochs, steps, mode=cfg.loop.mode)
     forward = torch.compile(model) if cfg.loop.compile else model
     return Setup(model, forward, criterion, optimizer, scheduler, train_loader, val_loader, generator,
                  device, stats)
 
 
-def _steps_per_epoch(cfg: TrialConfig, batches: int) -> int:
+def _train_batches(cfg: TrialConfig, batches: int) -> int:
+    """Micro-batches one epoch trains on."""
     if cfg.loop.max_train_batches:
         batches = min(batches, cfg.loop.max_train_batches)
-    return max(1, math.ceil(batches / cfg.optimizer.grad_accum_steps))
+    return batches
+
+
+def _steps_per_epoch(cfg: TrialConfig, batches: int) -> int:
+    # the last, partial group of micro-batches steps too: ceil
+    return max(1, math.ceil(_train_batches(cfg, batches) / cfg.optimizer.grad_accum_steps))
+
+
+def _group_size(i: int, accum: int, batches: int) -> int:
+    """How many micro-batches the accumulation group of batch ``i`` has: ``accum``, or
+    fewer for the epoch's last group, whose mean gradient must not be scaled down."""
+    return min(accum, batches - (i // accum) * accum)
 
 
 # ------------------------------------------------------------------ one epoch
@@ -169,7 +254,7 @@ def _loss(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> torch
 def _check_finite(loss: torch.Tensor, epoch: int, batch: int, cfg: TrialConfig) -> None:
     if not torch.isfinite(loss):
         raise TrainingDiverged(
-            f"loss became {loss.item()} at epoch {epoch} batch {batch} (optimizer.lr="
+            f"loss became {loss.item()} at epoch {epoch + 1} batch {batch + 1} (optimizer.lr="
             f"{cfg.optimizer.lr:g}); the trial diverged: lower the learning rate, add "
             "loop.grad_clip, or check the data")
 
@@ -191,23 +276,33 @@ def _sam_step(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> N
     s.optimizer.second_step(zero_grad=True)
 
 
+def _start_epoch(s: Setup, epoch: int) -> None:
+    """Train mode (frozen BatchNorm excepted) and the epoch's sampling/augmentation seeds."""
+    s.model.train()
+    keep_frozen_batchnorm_in_eval(s.model)
+    sampler = getattr(s.train_loader, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch)
+
+
 def train_one_epoch(s: Setup, cfg: TrialConfig, epoch: int) -> float:
     """One pass over the training loader; returns the mean training loss."""
-    s.model.train()
+    _start_epoch(s, epoch)
     accum = cfg.optimizer.grad_accum_steps
+    batches = _train_batches(cfg, len(s.train_loader))
     second_order = is_second_order(s.optimizer)
     total, n = 0.0, 0
     s.optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(s.train_loader):
-        if cfg.loop.max_train_batches and i >= cfg.loop.max_train_batches:
+        if i >= batches:
             break
         x, y = _to_device(x, y, s.device, cfg)
         loss = _loss(s, cfg, x, y)
         _check_finite(loss, epoch, i, cfg)
-        (loss / accum).backward()
+        (loss / _group_size(i, accum, batches)).backward()
         total += loss.item() * len(y)
         n += len(y)
-        if (i + 1) % accum:
+        if (i + 1) % accum and i + 1 < batches:
             continue
         if second_order:
             _sam_step(s, cfg, x, y)
@@ -325,29 +420,97 @@ def _set_rng_state(s: Setup, state: dict[str, Any]) -> None:
 def save_checkpoint(directory: Path, s: Setup, progress: Progress, cfg: TrialConfig) -> Path:
     """Write model, optimizer (SAM: the base optimizer's state), schedule, progress and RNG
     states into ``directory``, atomically: a crash mid-write leaves the previous one intact."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(), "progress": progress.__dict__, "rng": _rng_state(s),
-        "input_stats": s.input_stats, "config": to_dict(cfg),
-    }, tmp / CHECKPOINT_FILE)
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_dir(directory) as tmp:
+        torch.save({
+            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "progress": progress.__dict__, "rng": _rng_state(s),
+            "input_stats": s.input_stats, "config": to_dict(cfg),
+        }, tmp / CHECKPOINT_FILE)
     return directory
 
 
-def load_checkpoint(path: Path, s: Setup) -> Progress:
-    """Restore ``s`` in place from a checkpoint directory (or file); returns the progress."""
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    s.model.load_state_dict(state["model"])
+# Config keys a resumed run may change without --resume-with-changes, and why harmless:
+RESUME_MAY_DIFFER = frozenset({
+    "output_dir",  # where results are written
+    "loop.epochs",  # extending a run (a schedule sized by epochs, e.g. one_cycle, then differs)
+    "loop.max_train_batches", "loop.max_eval_batches",  # --debug's caps
+    "loop.num_workers",  # sampling and augmentation are seeded per image, not per worker
+    "loop.eval_batch_size",  # evaluation only
+    "loop.device",  # where it runs
+    "loop.select_mode",  # must agree with loop.select_metric, which is compared
+    "data.cache_dir", "data.workers",  # where and how fast the image cache is built
+})
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """The checkpoint file of ``path``: the file itself, a checkpoint folder or a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for file in (path / CHECKPOINT_FILE, path / "checkpoint" / CHECKPOINT_FILE):
+        if file.is_file():
+            return file
+    why = "does not exist" if not path.exists() else f"holds no {CHECKPOINT_FILE}"
+    raise ConfigError(f"resume checkpoint {path} {why}; pass the checkpoint folder of an earlier run "
+                      "(<output_dir>/checkpoint), or leave out --resume to start a new run")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The saved state of a checkpoint folder (or file), with errors a user can act on."""
+    file = _checkpoint_file(path)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises anything
+        raise ConfigError(f"resume checkpoint {file} cannot be read ({type(exc).__name__}); it is "
+                          "damaged or not a cxrtune checkpoint: resume from another one") from None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: TrialConfig) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, ``cfg``'s value) for every key that differs, except
+    RESUME_MAY_DIFFER; keys only one side knows (added in another version) are skipped."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and k not in RESUME_MAY_DIFFER]
+
+
+def check_resume_config(path: Path, state: dict[str, Any], cfg: TrialConfig,
+                        allow_changes: bool = False) -> None:
+    """A resumed run must be the run that was checkpointed: refuse a changed config
+    (a different lr or rho silently makes a different experiment) unless allowed."""
+    changes = config_changes(state.get("config", {}), cfg)
+    if not changes:
+        return
+    listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in changes)
+    if allow_changes:
+        log.warning("resuming %s with changed settings: %s", path, listed)
+        return
+    raise ConfigError(f"resume checkpoint {path} was trained with other settings: {listed}; resume "
+                      "with the checkpoint's values, or pass --resume-with-changes to continue "
+                      "with the new ones")
+
+
+def load_checkpoint(path: Path, s: Setup, state: Optional[dict[str, Any]] = None) -> Progress:
+    """Restore ``s`` in place from a checkpoint directory (or file, or its already read
+    ``state``); returns the progress."""
+    state = state if state is not None else read_checkpoint(path)
+    try:
+        s.model.load_state_dict(state["model"])
+    except RuntimeError:
+        saved = state.get("config", {}).get("model", {})
+        raise ConfigError(f"resume checkpoint {path} holds weights of another network "
+                          f"(model.backbone={saved.get('backbone')!r}, task "
+                          f"{state.get('config', {}).get('data', {}).get('task')!r}); resume with "
+                          "the config it was trained with") from None
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(s, state["rng"])
@@ -355,10 +518,6 @@ def load_checkpoint(path: Path, s: Setup) -> Progress:
 
 
 # ------------------------------------------------------------------ the run
-
-
-def _improved(value: float, best: Optional[float], mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
 
 
 def _epoch(s: Setup, cfg: TrialConfig, data: PreparedData, epoch: int) -> dict[str, float]:
@@ -375,21 +534,27 @@ def _epoch(s: Setup, cfg: TrialConfig, data: PreparedData, epoch: int) -> dict[s
 
 
 def fit(cfg: TrialConfig, data: PreparedData, report: Optional[Report] = None, *,
-        workdir: Path, resume: Optional[Path] = None, device: Optional[torch.device] = None) -> Progress:
+        workdir: Path, resume: Optional[Path] = None, device: Optional[torch.device] = None,
+        allow_changes: bool = False) -> Progress:
     """Train ``cfg`` on ``data``; after every epoch write a checkpoint to
     ``workdir/checkpoint`` and call ``report(metrics, that_dir)``. With ``resume``,
-    continue exactly where that checkpoint left off."""
+    continue exactly where that checkpoint left off; its config must equal ``cfg``
+    (but for RESUME_MAY_DIFFER) unless ``allow_changes``."""
+    state = read_checkpoint(resume) if resume else None
+    if state is not None:
+        check_resume_config(resume, state, cfg, allow_changes)
     device = device or pick_device(cfg.loop.device)
     s = build_setup(cfg, data, device)
-    progress = load_checkpoint(resume, s) if resume else Progress()
+    progress = load_checkpoint(resume, s, state) if state is not None else Progress()
     if resume:
         log.info("resumed from %s after epoch %d", resume, progress.epoch)
+    best = BestSoFar(cfg.loop.select_metric, cfg.loop.mode, progress.best, progress.best_epoch)
     ckpt_dir = Path(workdir) / "checkpoint"
     for epoch in range(progress.epoch, cfg.loop.epochs):
         metrics = _epoch(s, cfg, data, epoch)
         value = metrics[cfg.loop.select_metric]
-        if _improved(value, progress.best, cfg.loop.select_mode):
-            progress.best, progress.best_epoch, progress.stale_epochs = value, epoch + 1, 0
+        if best.update(value, epoch + 1):
+            progress.best, progress.best_epoch, progress.stale_epochs = best.value, best.step, 0
         else:
             progress.stale_epochs += 1
         progress.epoch = epoch + 1

@@ -15,3 +15,11 @@ class ConfigError(CxrtuneError):
 
 class DataError(CxrtuneError):
     """A dataset folder, manifest or image file is unusable."""
+
+
+class SearchFailed(RuntimeError):
+    """Every trial of a search failed; the message holds the first trial's own error."""
+
+
+class SearchInterrupted(RuntimeError):
+    """A search stopped (Ctrl-C) before its trials finished; it can be resumed."""

@@ -1,91 +1,29 @@
 """Classification losses for imbalanced chest X-ray classes.
 
-Losses are chosen by name (``LOSSES``) and built from a frozen ``LossConfig`` plus
-the training set's class counts, which the class-weighting schemes and the
-balanced focal alpha need. Every loss casts its logits to float32 first, so it is
-computed accurately when the model runs under bf16 autocast, and keeps its
-per-class tensors as buffers, so ``.to(device)`` moves them with the module.
+Losses are chosen by name (``LOSSES``) and built from a frozen ``LossConfig`` (both
+in ``loss_config.py``, which configs import without torch) plus the training set's
+class counts, which the class-weighting schemes and the balanced focal alpha need.
+Every loss casts its logits to float32 first, so it is computed accurately when the
+model runs under bf16 autocast, and keeps its per-class tensors as buffers, so
+``.to(device)`` moves them with the module.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, DataError
-from .registry import Registry
+from .errors import DataError
+from .loss_config import ALPHA_MODES, LOSSES, WEIGHT_SCHEMES, LossConfig, parse_alpha_list
 
 log = logging.getLogger(__name__)
 
 LossBuilder = Callable[["LossConfig", Sequence[int]], nn.Module]
 WeightScheme = Callable[[torch.Tensor, float], torch.Tensor]
-
-LOSSES: Registry[LossBuilder] = Registry("loss")
-WEIGHT_SCHEMES: Registry[WeightScheme] = Registry("class-weight scheme")
-
-ALPHA_MODES = ("none", "balanced")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Which loss to train with and its hyperparameters."""
-
-    name: str = "cross_entropy"  # cross_entropy | weighted_cross_entropy | focal
-    class_weights: str = "inverse"  # for weighted_cross_entropy: inverse | effective_number
-    beta: float = 0.999  # effective-number beta (Cui et al. 2019)
-    gamma: float = 2.0  # focal focusing parameter; 0 = cross-entropy
-    alpha: str = "none"  # focal: none | balanced | per-class list "0.25,0.75"
-    label_smoothing: float = 0.0
-
-    def validate(self, where: str = "loss", num_classes: int | None = None) -> None:
-        """Raise one ConfigError listing every invalid value.
-
-        ``num_classes`` (when known) is checked against an explicit alpha list."""
-        problems: list[str] = []
-        if self.name not in LOSSES:
-            problems.append(f"{where}.name={self.name!r}: unknown loss; valid losses: "
-                            f"{', '.join(LOSSES.names())}")
-        if self.class_weights not in WEIGHT_SCHEMES:
-            problems.append(f"{where}.class_weights={self.class_weights!r}: valid schemes: "
-                            f"{', '.join(WEIGHT_SCHEMES.names())}")
-        if not 0.0 <= self.beta < 1.0:
-            problems.append(f"{where}.beta={self.beta}: must be in [0, 1) (e.g. 0.999)")
-        if not self.gamma >= 0.0:  # also rejects NaN
-            problems.append(f"{where}.gamma={self.gamma}: must be >= 0 (e.g. 2.0; 0 = cross-entropy)")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append(f"{where}.label_smoothing={self.label_smoothing}: must be in [0, 1) (e.g. 0.1)")
-        problems.extend(_alpha_problems(self.alpha, where, num_classes))
-        if problems:
-            raise ConfigError("invalid loss config:\n  " + "\n  ".join(problems))
-
-
-def _parse_alpha_list(text: str) -> list[float]:
-    """Parse ``"0.25,0.75"``; raises ValueError on a non-number."""
-    return [float(part) for part in text.split(",")]
-
-
-def _alpha_problems(alpha: str, where: str, num_classes: int | None) -> list[str]:
-    if alpha in ALPHA_MODES:
-        return []
-    key = f"{where}.alpha={alpha!r}"
-    try:
-        values = _parse_alpha_list(alpha)
-    except ValueError:
-        return [f"{key}: must be 'none', 'balanced' or comma-separated per-class numbers "
-                "(e.g. '0.25,0.75')"]
-    problems = []
-    if any(not (v >= 0.0 and math.isfinite(v)) for v in values):
-        problems.append(f"{key}: every per-class alpha must be a finite number >= 0")
-    if num_classes is not None and len(values) != num_classes:
-        problems.append(f"{key}: has {len(values)} values but the task has {num_classes} classes; "
-                        "give one alpha per class")
-    return problems
 
 
 # ---------------------------------------------------------------- class weights
@@ -180,14 +118,14 @@ def _build_weighted_cross_entropy(cfg: LossConfig, class_counts: Sequence[int]) 
     return CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
-def focal_alpha(alpha: str, class_counts: Sequence[int]) -> torch.Tensor | None:
+def focal_alpha(alpha: str | Sequence[float], class_counts: Sequence[int]) -> torch.Tensor | None:
     """Per-class focal alpha: None for ``"none"``, inverse-frequency weights
     (normalised to sum to the number of classes) for ``"balanced"``, else the list."""
     if alpha == "none":
         return None
     if alpha == "balanced":
         return class_weights(class_counts, "inverse")
-    return torch.tensor(_parse_alpha_list(alpha), dtype=torch.float32)
+    return torch.tensor(parse_alpha_list(alpha), dtype=torch.float32)
 
 
 @LOSSES.register("focal")
@@ -201,3 +139,7 @@ def build_loss(cfg: LossConfig, class_counts: Sequence[int]) -> nn.Module:
     set's per-class image counts (used by class weighting and balanced alpha)."""
     cfg.validate(num_classes=len(class_counts))
     return LOSSES.get(cfg.name, where="loss.name")(cfg, class_counts)
+
+
+__all__ = ["LossConfig", "LOSSES", "WEIGHT_SCHEMES", "ALPHA_MODES", "CrossEntropyLoss", "FocalLoss",
+           "build_loss", "class_weights", "focal_alpha"]

@@ -16,9 +16,14 @@ Robustness conventions:
   ``y_true`` (scikit-learn's definition).
 * ``roc_auc_macro`` / ``pr_auc_macro`` are one-vs-rest macro averages over the
   classes present in ``y_true`` (a class's AUC is undefined without positives).
-  For two classes ``roc_auc_macro`` is the AUC of the positive class (index 1).
+  For two classes both are of the positive class (index 1) alone, as is usual for a
+  screening test: ``roc_auc_macro`` is its ROC-AUC, ``pr_auc_macro`` its average
+  precision (the negative class's PR curve would measure something else).
   With fewer than two classes present both are ``NaN`` -- they never raise.
 * ``ece`` is the top-label expected calibration error (15 equal-width bins).
+
+scikit-learn is imported by the functions that compute metrics, not by the module:
+configs check metric names (:func:`check_metric_name`) without loading it.
 
 Malformed inputs (wrong shapes, labels out of range, non-finite
 probabilities, rows not summing to 1, no samples) raise ``ValueError``: they
@@ -31,12 +36,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 
 from .data.labels import LabelScheme
 from .errors import ConfigError
@@ -99,6 +98,8 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> tu
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``(num_classes, num_classes)`` int counts, rows = true class, cols = predicted."""
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(np.asarray(y_true), np.asarray(y_pred),
                             labels=list(range(num_classes))).astype(np.int64)
 
@@ -132,9 +133,19 @@ def _ovr_macro(y: np.ndarray, p: np.ndarray, score) -> float:
     return float(np.mean([score((y == k).astype(np.int64), p[:, k]) for k in present]))
 
 
+def _auc(y: np.ndarray, p: np.ndarray, score) -> float:
+    """``score`` of the positive class for two classes (NaN unless both occur), else
+    the one-vs-rest macro average."""
+    if p.shape[1] == 2:
+        return float(score(y, p[:, 1])) if len(np.unique(y)) == 2 else math.nan
+    return _ovr_macro(y, p, score)
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
                            prefix: str = "") -> dict[str, float]:
     """All metrics of :func:`metric_names` for ``classes``, keyed ``prefix + name``."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
     classes = list(classes)
     c = len(classes)
     if c < 2:
@@ -163,11 +174,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         out[f"precision_{avg}"] = float(pa)
         out[f"recall_{avg}"] = float(ra)
         out[f"f1_{avg}"] = float(fa)
-    if c == 2:
-        out["roc_auc_macro"] = (float(roc_auc_score(y, p[:, 1])) if len(np.unique(y)) == 2 else math.nan)
-    else:
-        out["roc_auc_macro"] = _ovr_macro(y, p, roc_auc_score)
-    out["pr_auc_macro"] = _ovr_macro(y, p, average_precision_score)
+    out["roc_auc_macro"] = _auc(y, p, roc_auc_score)
+    out["pr_auc_macro"] = _auc(y, p, average_precision_score)
     out["ece"] = expected_calibration_error(y, p)
     for k, cls in enumerate(classes):
         out[f"sensitivity/{cls}"] = float(rec[k])

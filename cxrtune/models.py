@@ -1,6 +1,7 @@
 """Classifier backbones, their heads and their pretrained weights.
 
-A backbone is chosen by name from ``BACKBONES``. ``build_model`` builds it in its
+A backbone is chosen by name from ``BACKBONES`` (``model_config.py``, which also holds
+``ModelConfig``: configs are validated without torch). ``build_model`` builds it in its
 native layout (3 input channels, 1000 ImageNet classes), loads the requested
 weights into that layout (so pretrained keys match exactly), then resizes the
 class layer to the task and the first convolution to the input channels.
@@ -12,9 +13,7 @@ nothing is downloaded: a missing file is a ConfigError that says where to put it
 from __future__ import annotations
 
 import logging
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,78 +23,25 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
+from .model_config import (BACKBONES, CHEXNET_PREFIX, BackboneSpec, ModelConfig, imagenet_weights_file,
+                           input_size)
 from .registry import Registry
 
 log = logging.getLogger(__name__)
 
 NATIVE_CLASSES = 1000  # every backbone is first built with ImageNet's head, then resized
-CHEXNET_PREFIX = "chexnet:"
 SHOW_KEYS = 5  # how many offending state-dict keys an error message lists
-
-
-# ---------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which network to train and how it starts."""
-
-    backbone: str = "densenet121"  # see BACKBONES
-    weights: str = "none"  # none | imagenet | chexnet:PATH | path to a state dict (.pt/.pth)
-    in_channels: int = 1  # 1 (grayscale) or 3 (gray replicated)
-    dropout: float = 0.0  # before the class layer (torchvision heads keep their own)
-    freeze_epochs: int = 0  # train only the head for the first N epochs
-
-    def validate(self, where: str = "model") -> None:
-        """Check every field; one ConfigError lists all problems."""
-        problems = []
-        if self.backbone not in BACKBONES:
-            problems.append(f"{where}.backbone={self.backbone!r}: unknown backbone; "
-                            f"valid backbones: {', '.join(BACKBONES.names())}")
-        problems.extend(_weights_problems(self.weights, self.backbone, where))
-        if self.in_channels not in (1, 3):
-            problems.append(f"{where}.in_channels={self.in_channels}: must be 1 (grayscale) "
-                            "or 3 (gray replicated to RGB)")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"{where}.dropout={self.dropout}: must be in [0, 1) (e.g. 0.2)")
-        if self.freeze_epochs < 0:
-            problems.append(f"{where}.freeze_epochs={self.freeze_epochs}: must be >= 0 (0 = off)")
-        if problems:
-            raise ConfigError("invalid model config:\n  " + "\n  ".join(problems))
-
-
-def _weights_problems(weights: str, backbone: str, where: str) -> list[str]:
-    """Problems with a weights spec that can be seen without reading the file."""
-    key = f"{where}.weights={weights!r}"
-    if weights == "none":
-        return []
-    spec = BACKBONES.get(backbone) if backbone in BACKBONES else None  # unknown: reported apart
-    if weights == "imagenet":
-        if spec is not None and spec.weights_enum is None:
-            return [f"{key}: backbone {backbone!r} has no ImageNet weights; use 'none' or a "
-                    "path to a state dict"]
-        return []
-    if weights.startswith(CHEXNET_PREFIX):
-        path = weights[len(CHEXNET_PREFIX):]
-        problems = []
-        if backbone != "densenet121":
-            problems.append(f"{key}: CheXNet weights exist only for backbone 'densenet121'")
-        if not path:
-            problems.append(f"{key}: give the checkpoint path, e.g. chexnet:/models/model.pth.tar")
-        elif not Path(path).expanduser().is_file():
-            problems.append(f"{key}: CheXNet checkpoint {path} does not exist")
-        return problems
-    if not Path(weights).expanduser().is_file():
-        return [f"{key}: neither 'none', 'imagenet', 'chexnet:PATH' nor an existing "
-                "state-dict file; check the spelling or the path"]
-    return []
 
 
 # ---------------------------------------------------------------- heads and small CNNs
 
 
 class DropoutLinear(nn.Linear):
-    """A class layer with dropout on its input.
+    """A class layer with dropout on its input, computed in float32.
+
+    Under bf16 autocast a Linear would return bf16 logits: 8 mantissa bits make
+    near-equal probabilities tie, which coarsens AUC and ECE. The head is a tiny part
+    of the compute, so it always runs with autocast off, in the weights' dtype.
 
     It subclasses ``nn.Linear`` (instead of wrapping dropout and a Linear in a
     Sequential) so its state-dict keys stay ``<head>.weight``/``<head>.bias``
@@ -108,7 +54,9 @@ class DropoutLinear(nn.Linear):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.dropout(x, self.p, self.training))
+        x = F.dropout(x, self.p, self.training)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.p}"
@@ -173,22 +121,9 @@ class ConvNet5(nn.Module):
 # ---------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone and where its parts live."""
-
-    builder: Callable[[int], nn.Module]  # image_size -> network in native layout (3 ch, 1000 classes)
-    weights_enum: str | None  # torchvision weights enum (its DEFAULT is "imagenet"), None: no weights
-    head: str  # attribute path of the class layer (an nn.Linear)
-    first_conv: str  # attribute path of the first nn.Conv2d
-    input_size: int = 224  # the size the network was designed (and pretrained) for
-    min_size: int = 32  # smallest input it trains on
-    aux_head: str | None = None  # attribute path of an auxiliary class layer
-    aux_module: str | None = None  # the whole auxiliary classifier (optional in checkpoints)
-    fix_keys: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None  # legacy key names
-
-
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+# name -> image_size -> the network in its native layout (3 channels, 1000 classes); the
+# names are those of BACKBONES, whose table holds everything else about a backbone
+BUILDERS: Registry[Callable[[int], nn.Module]] = Registry("backbone", names=BACKBONES.names())
 
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
@@ -219,49 +154,27 @@ def _torchvision(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
     return build
 
 
-def _register_torchvision() -> None:
-    """Add the torchvision backbones; heads/first convs are torchvision's attribute names."""
-    resnet = dict(head="fc", first_conv="conv1")
-    vgg = dict(head="classifier.6", first_conv="features.0")
-    efficientnet = dict(head="classifier.1", first_conv="features.0.0")
-    table: dict[str, tuple[str, dict[str, Any]]] = {
-        "densenet121": ("DenseNet121_Weights",
-                        dict(head="classifier", first_conv="features.conv0",
-                             fix_keys=densenet_new_keys)),
-        "resnet18": ("ResNet18_Weights", resnet),
-        "resnet34": ("ResNet34_Weights", resnet),
-        "resnet50": ("ResNet50_Weights", resnet),
-        "resnet101": ("ResNet101_Weights", resnet),
-        "vgg16_bn": ("VGG16_BN_Weights", vgg),
-        "vgg19_bn": ("VGG19_BN_Weights", vgg),
-        "efficientnet_b0": ("EfficientNet_B0_Weights", efficientnet),
-        "efficientnet_b1": ("EfficientNet_B1_Weights", efficientnet),
-        "mobilenet_v3_large": ("MobileNet_V3_Large_Weights",
-                               dict(head="classifier.3", first_conv="features.0.0")),
-    }
-    for name, (enum, parts) in table.items():
-        BACKBONES.add(name, BackboneSpec(builder=_torchvision(name), weights_enum=enum, **parts))
-    # transform_input re-normalises 3 ImageNet channels (breaks on 1 channel); cxrtune
-    # normalises its own images, so it stays off even with pretrained weights.
-    BACKBONES.add("inception_v3", BackboneSpec(
-        builder=_torchvision("inception_v3", aux_logits=True, transform_input=False,
-                             init_weights=True),
-        weights_enum="Inception_V3_Weights", head="fc", first_conv="Conv2d_1a_3x3.conv",
-        input_size=299, min_size=75, aux_head="AuxLogits.fc", aux_module="AuxLogits"))
+# transform_input re-normalises 3 ImageNet channels (breaks on 1 channel); cxrtune
+# normalises its own images, so it stays off even with pretrained weights.
+_TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
+    "inception_v3": dict(aux_logits=True, transform_input=False, init_weights=True),
+}
+# backbones whose checkpoints (ImageNet's, CheXNet's) use legacy key names
+_KEY_FIXES: dict[str, Callable[[Mapping[str, Tensor]], dict[str, Tensor]]] = {
+    "densenet121": densenet_new_keys,
+}
 
 
-def _register_small_cnns() -> None:
-    """Add the two small CNNs of the source reports (no pretrained weights)."""
-    BACKBONES.add("simple_cnn", BackboneSpec(
-        builder=lambda size: SimpleCNN(image_size=size), weights_enum=None,
-        head="fc", first_conv="features.0", min_size=16))
-    BACKBONES.add("convnet5", BackboneSpec(
-        builder=lambda size: ConvNet5(image_size=size), weights_enum=None,
-        head="fc", first_conv="features.0", min_size=32))
+def _register_builders() -> None:
+    """Every backbone with torchvision weights is a torchvision model; then the small CNNs."""
+    for name in BACKBONES:
+        if BACKBONES.get(name).weights_enum is not None:
+            BUILDERS.add(name, _torchvision(name, **_TORCHVISION_KWARGS.get(name, {})))
+    BUILDERS.add("simple_cnn", lambda size: SimpleCNN(image_size=size))
+    BUILDERS.add("convnet5", lambda size: ConvNet5(image_size=size))
 
 
-_register_torchvision()
-_register_small_cnns()
+_register_builders()
 
 # Inception's aux classifier pools the 17x17 Mixed_6e map with a 5x5/3 window and
 # then applies a 5x5 conv: anything below 299 px leaves too small a map for it.
@@ -269,11 +182,6 @@ INCEPTION_AUX_MIN_SIZE = 299
 
 
 # ---------------------------------------------------------------- public API
-
-
-def input_size(backbone: str) -> int:
-    """The input size ``backbone`` was designed for (224; 299 for inception_v3)."""
-    return BACKBONES.get(backbone, where="model.backbone").input_size
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> nn.Module:
@@ -284,7 +192,7 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> nn
     _check_image_size(cfg.backbone, spec, image_size)
     if num_classes < 1:
         raise ConfigError(f"num_classes={num_classes}: a classifier needs at least 1 class")
-    model = spec.builder(image_size)
+    model = BUILDERS.get(cfg.backbone)(image_size)
     _load_native_weights(model, cfg, spec)
     _resize_heads(model, spec, num_classes, cfg.dropout)
     _adapt_first_conv(model, spec.first_conv, cfg.in_channels)
@@ -314,12 +222,25 @@ def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:
 def set_backbone_frozen(model: nn.Module, backbone: str, frozen: bool) -> None:
     """Turn gradients off (``frozen``) or on for every parameter except the head's.
 
-    BatchNorm running statistics are buffers, not parameters: they keep updating
-    in train mode; the engine decides whether to put the backbone in eval mode.
+    BatchNorm running statistics are buffers, not parameters: ``model.train()`` would
+    let them drift; call :func:`keep_frozen_batchnorm_in_eval` after ``model.train()``.
     """
     head = {id(p) for p in head_parameters(model, backbone)}
     for param in model.parameters():
         param.requires_grad_(not frozen or id(param) in head)
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
+    """Put every BatchNorm whose affine parameters are all frozen in eval mode.
+
+    A frozen layer must compute what it computed when its weights were learnt: in
+    train mode it would normalise by batch statistics and update its running ones.
+    Call it after ``model.train()`` (which puts every layer back in train mode)."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and params
+                and not any(p.requires_grad for p in params)):
+            module.eval()
 
 
 # ---------------------------------------------------------------- building helpers
@@ -400,6 +321,12 @@ def _drop_inception_aux(model: nn.Module, image_size: int) -> None:
 # ---------------------------------------------------------------- weights
 
 
+def _fix_keys(backbone: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with ``backbone``'s legacy key names renamed (most backbones have none)."""
+    fix = _KEY_FIXES.get(backbone)
+    return fix(state) if fix is not None else state
+
+
 def _is_state_dict_path(weights: str) -> bool:
     return weights not in ("none", "imagenet") and not weights.startswith(CHEXNET_PREFIX)
 
@@ -420,21 +347,9 @@ def load_imagenet_weights(model: nn.Module, cfg: ModelConfig, spec: BackboneSpec
             f"ImageNet weights for {cfg.backbone!r} are not in the local cache: expected file "
             f"{path.name} in directory {path.parent} (nothing is downloaded). On a machine with "
             f"internet fetch {url} and copy it there (or set TORCH_HOME to where it is).")
-    state = _read_state_dict(path)
-    if spec.fix_keys is not None:
-        state = spec.fix_keys(state)
+    state = _fix_keys(cfg.backbone, _read_state_dict(path))
     _load_strict(model, state, path, "torchvision ImageNet")
     log.info("loaded ImageNet weights for %s from %s", cfg.backbone, path)
-
-
-def imagenet_weights_file(backbone: str) -> tuple[Path, str]:
-    """(local cache file, download URL) of ``backbone``'s default torchvision weights."""
-    spec = BACKBONES.get(backbone, where="model.backbone")
-    if spec.weights_enum is None:
-        raise ConfigError(f"backbone {backbone!r} has no ImageNet weights")
-    url = getattr(tvm, spec.weights_enum).DEFAULT.url
-    # resolved on every call: TORCH_HOME may change between runs (and in tests)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
 def load_chexnet_weights(model: nn.Module, cfg: ModelConfig, spec: BackboneSpec) -> None:
@@ -444,7 +359,9 @@ def load_chexnet_weights(model: nn.Module, cfg: ModelConfig, spec: BackboneSpec)
     load would silently train from a half-random network.
     """
     path = Path(cfg.weights[len(CHEXNET_PREFIX):]).expanduser()
-    state = _strip_prefix(_strip_prefix(_read_state_dict(path), "module."), "densenet121.")
+    raw = _read_state_dict(path, "the CheXNet DenseNet-121 checkpoint (arnoweng/CheXNet model.pth.tar, "
+                                 "a torch.save file with a 'state_dict')")
+    state = _strip_prefix(_strip_prefix(raw, "module."), "densenet121.")
     state = {k: v for k, v in densenet_new_keys(state).items() if not k.startswith("classifier.")}
     expected = {f"features.{k}" for k in model.features.state_dict()}
     missing, unexpected = _key_mismatch(expected, state)
@@ -470,9 +387,7 @@ def load_state_dict_file(model: nn.Module, backbone: str, path: Path) -> None:
     1 channel (or 1 replicated to 3); every other key must match exactly.
     """
     spec = BACKBONES.get(backbone, where="model.backbone")
-    state = _strip_prefix(_read_state_dict(path), "module.")
-    if spec.fix_keys is not None:
-        state = spec.fix_keys(state)
+    state = _fix_keys(backbone, _strip_prefix(_read_state_dict(path), "module."))
     own = model.state_dict()
     conv_key = f"{spec.first_conv}.weight"
     if conv_key in state and conv_key in own:
@@ -534,14 +449,18 @@ def _match_aux(state: dict[str, Tensor], own: Mapping[str, Tensor], spec: Backbo
     return state, own_aux
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a state dict, unwrapping ``{'state_dict': ...}`` or ``{'model': ...}``."""
+def _read_state_dict(path: Path, expected: str = "a PyTorch state dict saved with torch.save "
+                     "(.pt/.pth)") -> dict[str, Tensor]:
+    """Read a state dict, unwrapping ``{'state_dict': ...}`` or ``{'model': ...}``;
+    ``expected`` says in an error what the file should have been."""
     if not path.is_file():
         raise ConfigError(f"weights file {path} does not exist; check the path")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - garbage input raises anything (KeyError, EOFError, ...)
-        raise ConfigError(f"{path}: cannot be read as PyTorch weights: {exc}") from None
+        # torch's own message for a non-checkpoint is an opaque byte value ("KeyError: 101")
+        raise ConfigError(f"{path} is not PyTorch weights: {_unreadable_kind(path, exc)}; "
+                          f"expected {expected}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -550,6 +469,17 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         raise ConfigError(f"{path}: not a state dict (expected a mapping of names to tensors, "
                           "optionally under 'state_dict' or 'model')")
     return dict(obj)
+
+
+def _unreadable_kind(path: Path, exc: Exception) -> str:
+    """What a file torch.load rejected is, in words."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"PK":  # torch.save writes a zip archive since PyTorch 1.6
+        return f"a damaged or incompatible torch.save archive ({type(exc).__name__}: {exc})".splitlines()[0]
+    if magic[:1] == b"\x80":  # a pickle: legacy torch.save, or pickled non-tensor objects
+        return f"a pickle torch cannot load safely ({type(exc).__name__}: {exc})".splitlines()[0]
+    return "not a file written by torch.save (neither a zip archive nor a pickle)"
 
 
 def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -584,7 +514,8 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: Path, wha
 
 
 __all__ = [
-    "ModelConfig", "BackboneSpec", "BACKBONES", "build_model", "input_size",
-    "logits_and_aux", "head_parameters", "set_backbone_frozen", "imagenet_weights_file",
+    "ModelConfig", "BackboneSpec", "BACKBONES", "BUILDERS", "build_model", "input_size",
+    "logits_and_aux", "head_parameters", "set_backbone_frozen", "keep_frozen_batchnorm_in_eval",
+    "imagenet_weights_file",
     "load_state_dict_file", "densenet_new_keys", "DropoutLinear", "SimpleCNN", "ConvNet5",
 ]

@@ -1,7 +1,7 @@
 """Optimizers, Sharpness-Aware Minimization and learning-rate schedules.
 
 Optimizers and schedules are chosen by name (``OPTIMIZERS``, ``SCHEDULES``) from
-frozen configs. ``build_optimizer`` wraps the base optimizer in ``SAM`` when
+frozen configs (both in ``optim_config.py``, which configs import without torch). ``build_optimizer`` wraps the base optimizer in ``SAM`` when
 ``OptimConfig.sam`` asks for it; such an optimizer has ``second_order = True`` and
 the engine then does the two-pass step::
 
@@ -30,99 +30,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import lr_scheduler
 
 from .errors import ConfigError
-from .registry import Registry
+from .optim_config import OPTIMIZERS, SAM_VARIANTS, SCHEDULES, OptimConfig, ScheduleConfig
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer, its hyperparameters and the optional SAM/ASAM wrapper."""
-
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
-    sam: str = "none"  # none | sam | asam
-    rho: float = 0.05  # SAM neighbourhood size (ASAM typically 0.5-2.0)
-    grad_accum_steps: int = 1
-
-    def validate(self, where: str = "optimizer") -> None:
-        """Raise one ConfigError listing every invalid value."""
-        problems: list[str] = []
-        if self.name not in OPTIMIZERS:
-            problems.append(f"{where}.name={self.name!r}: unknown optimizer; valid optimizers: "
-                            f"{', '.join(OPTIMIZERS.names())}")
-        if not self.lr > 0:
-            problems.append(f"{where}.lr={self.lr}: must be > 0, e.g. 1e-3")
-        if not self.weight_decay >= 0:
-            problems.append(f"{where}.weight_decay={self.weight_decay}: must be >= 0 (e.g. 1e-4)")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"{where}.momentum={self.momentum}: must be in [0, 1) (e.g. 0.9)")
-        if self.nesterov and self.name == "sgd" and self.momentum == 0:
-            problems.append(f"{where}.nesterov=true: needs momentum > 0 (e.g. 0.9)")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"{where}.betas={list(self.betas)}: must be two numbers in [0, 1) "
-                            "(e.g. [0.9, 0.999])")
-        if self.sam not in SAM_VARIANTS:
-            problems.append(f"{where}.sam={self.sam!r}: valid values: {', '.join(SAM_VARIANTS.names())}")
-        if not self.rho >= 0:
-            problems.append(f"{where}.rho={self.rho}: must be >= 0 (e.g. 0.05 for sam, 1.0 for asam)")
-        if self.grad_accum_steps < 1:
-            problems.append(f"{where}.grad_accum_steps={self.grad_accum_steps}: must be >= 1 (1 = off)")
-        elif self.sam != "none" and self.grad_accum_steps > 1:
-            problems.append(
-                f"{where}.grad_accum_steps={self.grad_accum_steps} with {where}.sam={self.sam!r}: "
-                "gradient accumulation is not supported with SAM/ASAM, whose two-pass step needs the "
-                "full-batch gradient at the perturbed point (accumulating would mix gradients taken "
-                "at different points); set grad_accum_steps=1 or sam=none")
-        if problems:
-            raise ConfigError("invalid optimizer config:\n  " + "\n  ".join(problems))
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Learning-rate schedule; which fields matter depends on ``name``."""
-
-    name: str = "reduce_on_plateau"  # reduce_on_plateau | step | cosine_warm_restarts | warmup_cosine | one_cycle | none
-    factor: float = 0.1  # plateau: lr *= factor
-    patience: int = 5  # plateau: epochs without improvement before reducing
-    step_size: int = 10  # step: epochs between decays
-    gamma: float = 0.5  # step: lr *= gamma
-    t0: int = 10  # cosine warm restarts: epochs of the first cycle
-    t_mult: int = 1  # cosine warm restarts: cycle length multiplier
-    warmup_epochs: int = 1  # warmup_cosine
-    min_lr: float = 0.0
-
-    def validate(self, where: str = "schedule") -> None:
-        """Raise one ConfigError listing every invalid value."""
-        problems: list[str] = []
-        if self.name not in SCHEDULES:
-            problems.append(f"{where}.name={self.name!r}: unknown schedule; valid schedules: "
-                            f"{', '.join(SCHEDULES.names())}")
-        if not 0 < self.factor < 1:
-            problems.append(f"{where}.factor={self.factor}: must be in (0, 1) (e.g. 0.1)")
-        if self.patience < 0:
-            problems.append(f"{where}.patience={self.patience}: must be >= 0 (e.g. 5)")
-        if self.step_size < 1:
-            problems.append(f"{where}.step_size={self.step_size}: must be >= 1 epoch (e.g. 10)")
-        if not 0 < self.gamma <= 1:
-            problems.append(f"{where}.gamma={self.gamma}: must be in (0, 1] (e.g. 0.5)")
-        if self.t0 < 1:
-            problems.append(f"{where}.t0={self.t0}: must be >= 1 epoch (e.g. 10)")
-        if self.t_mult < 1:
-            problems.append(f"{where}.t_mult={self.t_mult}: must be >= 1 (e.g. 2)")
-        if self.warmup_epochs < 0:
-            problems.append(f"{where}.warmup_epochs={self.warmup_epochs}: must be >= 0 (e.g. 1)")
-        if not self.min_lr >= 0:
-            problems.append(f"{where}.min_lr={self.min_lr}: must be >= 0 (e.g. 1e-6)")
-        if problems:
-            raise ConfigError("invalid schedule config:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------- optimizers
@@ -150,16 +60,9 @@ def _sgd_kwargs(cfg: OptimConfig) -> dict[str, Any]:
             "weight_decay": cfg.weight_decay}
 
 
-OPTIMIZERS: Registry[OptimInfo] = Registry("optimizer")
 OPTIMIZERS.add("adam", OptimInfo("adam", torch.optim.Adam, "Adam, L2 weight decay", _adam_kwargs))
 OPTIMIZERS.add("adamw", OptimInfo("adamw", torch.optim.AdamW, "Adam, decoupled weight decay", _adam_kwargs))
 OPTIMIZERS.add("sgd", OptimInfo("sgd", torch.optim.SGD, "SGD with (Nesterov) momentum", _sgd_kwargs))
-
-# sam name -> adaptive flag of the SAM wrapper (None: no wrapper)
-SAM_VARIANTS: Registry[bool | None] = Registry("sam variant")
-SAM_VARIANTS.add("none", None)
-SAM_VARIANTS.add("sam", False)
-SAM_VARIANTS.add("asam", True)
 
 
 class SAM(torch.optim.Optimizer):
@@ -168,17 +71,21 @@ class SAM(torch.optim.Optimizer):
     Wraps ``base_optimizer_cls(params, **base_kwargs)``, available as ``base_optimizer``.
     ``param_groups`` is the very list of the base optimizer, so an LR schedule attached
     to either changes both. Per step: ``first_step`` moves to ``w + e_w`` with
-    ``e_w = rho * T^2 g / ||T g||`` (``T = |w|`` for ASAM, identity for SAM), then the
-    caller recomputes the gradient there and ``second_step`` restores ``w`` and lets
-    the base optimizer step with that gradient."""
+    ``e_w = rho * T^2 g / ||T g||`` (``T = |w| + eta`` for ASAM, identity for SAM), then
+    the caller recomputes the gradient there and ``second_step`` restores ``w`` and lets
+    the base optimizer step with that gradient. ``eta`` (Kwon et al.'s 0.01 by default)
+    keeps T > 0, so parameters that are exactly zero (fresh biases) are perturbed too."""
 
     second_order = True  # the engine checks this flag to do the two-pass step
 
     def __init__(self, params: Iterable, base_optimizer_cls: type[torch.optim.Optimizer],
-                 rho: float = 0.05, adaptive: bool = False, **base_kwargs: Any) -> None:
+                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
+                 **base_kwargs: Any) -> None:
         if not rho >= 0:
             raise ValueError(f"SAM rho={rho}: must be >= 0")
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
+        if not eta >= 0:
+            raise ValueError(f"ASAM eta={eta}: must be >= 0")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         # The base optimizer adopts our group dicts, then we adopt its list, so the
         # groups (lr, rho, ...) exist once and schedules on either side stay in sync.
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
@@ -186,8 +93,14 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     def _group_opt(self, group: dict, key: str) -> Any:
-        # groups loaded from a plain (non-SAM) state dict lack rho/adaptive
+        # groups loaded from a plain (non-SAM) state dict lack rho/adaptive/eta
         return group.get(key, self.defaults[key])
+
+    def _scale(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
+        """ASAM's T_w = |w| + eta in float32; None for plain SAM (T = identity)."""
+        if not self._group_opt(group, "adaptive"):
+            return None
+        return p.detach().float().abs().add_(self._group_opt(group, "eta"))
 
     @torch.no_grad()
     def _grad_norm(self) -> torch.Tensor:
@@ -195,15 +108,15 @@ class SAM(torch.optim.Optimizer):
         norms = []
         device = None
         for group in self.param_groups:
-            adaptive = self._group_opt(group, "adaptive")
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if device is None:
                     device = p.device
                 g = p.grad.float()
-                if adaptive:
-                    g = g * p.float().abs()
+                t = self._scale(group, p)
+                if t is not None:
+                    g = g * t
                 norms.append(torch.linalg.vector_norm(g).to(device))
         if not norms:
             return torch.zeros(())
@@ -214,15 +127,15 @@ class SAM(torch.optim.Optimizer):
         """Move every parameter to ``w + e_w`` (the sharpest nearby point)."""
         scale_base = 1.0 / (self._grad_norm() + 1e-12)  # guards a zero gradient
         for group in self.param_groups:
-            adaptive = self._group_opt(group, "adaptive")
             scale = self._group_opt(group, "rho") * scale_base
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self.state[p]["old_p"] = p.detach().clone()
                 e_w = p.grad.float() * scale.to(p.device)
-                if adaptive:
-                    e_w = e_w * p.float().pow(2)
+                t = self._scale(group, p)
+                if t is not None:
+                    e_w = e_w * t.pow(2)
                 p.add_(e_w.to(p.dtype))
         if zero_grad:
             self.zero_grad()
@@ -279,7 +192,8 @@ def build_optimizer(cfg: OptimConfig, params: Iterable) -> torch.optim.Optimizer
     if adaptive is None:
         return info.create(params, cfg)
     log.debug("wrapping %s in %s (rho=%s)", cfg.name, cfg.sam, cfg.rho)
-    return SAM(params, info.opt_class, rho=cfg.rho, adaptive=adaptive, **info.kwargs(cfg))
+    return SAM(params, info.opt_class, rho=cfg.rho, adaptive=adaptive, eta=cfg.asam_eta,
+               **info.kwargs(cfg))
 
 
 _SAVED_MOMENTUM = "_cxrtune_saved_momentum"
@@ -389,7 +303,6 @@ class _Plan:
         return self.epochs * self.steps_per_epoch
 
 
-SCHEDULES: Registry[Callable[[_Plan], Scheduler]] = Registry("schedule")
 PLATEAU_MODES = ("min", "max")
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Into a file or pipe (a log), lines are not wrapped: commands and paths stay copy-pasteable.
+console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
 
 
 def render_inspect(r: dict[str, Any]) -> None:
@@ -26,19 +28,32 @@ def render_inspect(r: dict[str, Any]) -> None:
         console.print(f"image width {size['width']['min']}..{size['width']['max']} (median "
                       f"{size['width']['median']:.0f}), height {size['height']['min']}.."
                       f"{size['height']['max']}; pixel formats {size['pixel_formats']}")
-    console.print(f"{r['n_images']} images of {r['n_patients']} patients/groups; "
+    if r["smaller_than_image_size"]:
+        console.print(f"[yellow]{r['smaller_than_image_size']} images are smaller than the image "
+                      f"size and would be upscaled[/]")
+    console.print(f"{r['n_images']} images of {r['n_patients']} patients/groups "
+                  f"({r['images_without_patient_id']} images without a patient id); "
                   f"{r['patients_with_several_images']} patients have several images "
                   f"(up to {r['max_images_per_patient']})")
+    console.print("fine labels: " + ", ".join(f"{k} {v}" for k, v in r["fine_label_counts"].items()))
     for label, d in r["dropped"].items():
         console.print(f"[yellow]dropped[/] {d['count']} {label}: {d['reason']}")
     for path in r["unreadable"]:
         console.print(f"[red]unreadable[/] {path}: {r['unreadable_reasons'][path]}")
+    if r["repeated_rows"]:
+        console.print(f"[yellow]{len(r['repeated_rows'])} exact duplicate rows, first kept[/]")
     console.print(f"{len(r['duplicate_groups'])} near-duplicate groups, "
                   f"[{'red' if r['cross_split_duplicates'] else 'green'}]"
-                  f"{len(r['cross_split_duplicates'])} crossing splits (leakage)[/]")
+                  f"{len(r['cross_split_duplicates'])} crossing splits (leakage)[/] "
+                  f"(signatures from {r['signatures_from']})")
     for g in r["cross_split_duplicates"][:10]:
         console.print("  " + "  ==  ".join(g))
-    console.print(f"split file: {r['split_file']}")
+    if r["problems"]:
+        console.print(f"[red]{len(r['problems'])} problem(s):[/]")
+        for problem in r["problems"]:
+            console.print(f"  - {problem}", markup=False)
+    else:
+        console.print("[green]no problems found[/]")
 
 
 def render_prepared(r: dict[str, Any]) -> None:
@@ -50,24 +65,51 @@ def render_prepared(r: dict[str, Any]) -> None:
         console.print(f"[yellow]skipped {len(r['skipped'])} unreadable image(s)[/]")
 
 
+TOP_TRIALS = 20  # trials listed in the search summary (all of them when there are fewer)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
 def render_search(r: dict[str, Any]) -> None:
-    table = Table(title=f"search {r['name']}: top trials by {r['metric']} ({r['mode']})")
-    for col in ("trial", "status", "epochs", r["metric"], "config"):
+    trials = r["trials"][:TOP_TRIALS]
+    shown = "every trial" if len(trials) == len(r["trials"]) else f"top {len(trials)} of {len(r['trials'])} trials"
+    table = Table(title=f"search {r['name']}: {shown} by {r['metric']} ({r['mode']}, best epoch)")
+    for col in ("trial", "status", "epochs", r["metric"], "config / error"):
         table.add_column(col)
-    for t in r["top_trials"]:
+    for t in trials:
         best = "-" if t["best"] is None else f"{t['best']:.4f}"
-        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["config"].items())
-        table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, config)
+        table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, t["error"] or _config_text(t["config"]))
     console.print(table)
-    console.print(f"{r['n_trials']} trials, {r['n_failed']} failed; best trial {r['best_trial']} "
-                  f"({r['metric']} {r['best_val']:.4f})")
-    console.print("best config: " + ", ".join(f"{k}={v}" for k, v in r["best_config"].items()))
+    c = r["counts"]
+    console.print(f"{r['n_trials']} trials: {c['completed']} completed, {c['stopped_early']} stopped early by "
+                  f"the scheduler, {c['failed']} failed" + (f", {c['not_started']} never started"
+                                                           if c["not_started"] else ""))
+    console.print(f"best trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f} at epoch {r['best_epoch']}; "
+                  f"config {_config_text(r['best_config'])}")
     test = r["test_metrics"]
-    shown = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
-                         "test/roc_auc_macro", "test/binary/accuracy", "test/binary/f1_weighted") if k in test]
-    console.print("held-out test: " + ", ".join(f"{k} {test[k]:.4f}" for k in shown))
+    keys = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
+                        "test/roc_auc_macro", "test/binary/accuracy", "test/binary/f1_weighted") if k in test]
+    console.print("held-out test: " + ", ".join(f"{k} {test[k]:.4f}" for k in keys))
     console.print(f"confusion (rows true {r['classes']}): {r['confusion']}")
-    if r["mlflow_skipped_calls"]:
-        console.print(f"[yellow]{r['mlflow_skipped_calls']} MLflow calls were not logged (tracking unreachable)[/]")
-    console.print(f"review every trial: {r['mlflow_ui']}")
-    console.print(f"Tune results: {r['experiment_dir']}")
+    if r.get("registered_model"):
+        console.print(f"registered model: {r['registered_model']}")
+    for label, kinds in r["mlflow_not_logged"].items():
+        console.print(f"[yellow]not logged to MLflow[/]: {label}: "
+                      + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
+    disk = r["disk_bytes"]
+    # soft_wrap: paths and commands stay on one line, copy-pasteable from a log file too
+    console.print(f"MLflow parent run: {r['mlflow_parent_run']}; review every trial: {r['mlflow_ui']}",
+                  soft_wrap=True)
+    console.print(f"best checkpoint: {r['best_checkpoint']}", soft_wrap=True)
+    console.print(f"Tune results: {r['experiment_dir']} ({_size(disk['results'])}; image cache and "
+                  f"CXR-Norm memo {_size(disk['cache'])})", soft_wrap=True)

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +26,29 @@ from typing import Any, Optional
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 
+from .atomic import write_text
 from .config import DataConfig, to_dict
 from .data.cache import ImageCache
 from .data.labels import SCHEMES
 from .data.pipeline import PreparedData, prepare_data
-from .engine import TrainingDiverged, evaluate_checkpoint, fit
-from .errors import ConfigError
-from .space import SearchSpec, define_by_run, grid_points, optuna_sampler
-from .tracking import Tracker
+from .engine import CHECKPOINT_FILE, evaluate_checkpoint, fit
+from .errors import ConfigError, SearchFailed, SearchInterrupted
+from .logs import quiet_libraries
+from .selection import best_index, rank_key
+from .space import SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
+# what became of a trial: the words the MLflow child runs carry too
+from .tracking import (COMPLETED, FAILED, NOT_STARTED, STOPPED_EARLY, Tracker, TrialLogger, TrialRecord,
+                       ended_as, error_text)
 from .train import train
 
 # The classic CLIReporter progress table (trial, status, epoch, metric); must be set
 # before Ray Tune is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-from ray.tune import CLIReporter  # noqa: E402
+from ray.tune import Callback, CLIReporter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +57,14 @@ class ProgressTable(CLIReporter):
     """Ray's live trial table, on stderr: stdout stays for the result (e.g. --json)."""
 
     def report(self, trials, done, *sys_info) -> None:
-        print(self._progress_str(trials, done, *sys_info), file=sys.stderr, flush=True)
+        text = self._progress_str(trials, done, *sys_info)
+        # "Result logdir" names Ray's driver artifacts, not the search's results folder
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("Result logdir:"))
+        print(text, file=sys.stderr, flush=True)
+
 
 STATE_FILE = "cxrtune_search.json"
-DIVERGED_FILE = "DIVERGED"
+FAILED_FILE = "FAILED"
 
 
 # ------------------------------------------------------------------ data shared with trials
@@ -87,10 +100,23 @@ class SharedData:
 # ------------------------------------------------------------------ the trainable
 
 
-def _diverged_marker() -> Path:
+def searched_metric(metric: str) -> str:
+    """The key Tune searches on: the trial's best-so-far value of ``metric``. Optuna learns
+    from each trial's last result and ASHA compares trials at rungs; with the best-so-far
+    both see the value the final choice (the trial's best epoch) is made on."""
+    return f"best/{metric}"
+
+
+# Errors a retry can fix: the trial's process, node or GPU share was the problem, not
+# the trial. Everything else (a diverged trial, a bad weights file, a bug) would fail
+# again the same way, so it is not retried.
+RETRYABLE = (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError)
+
+
+def _failure_marker() -> Path:
     from ray import tune
 
-    return Path(tune.get_context().get_trial_dir()) / DIVERGED_FILE
+    return Path(tune.get_context().get_trial_dir()) / FAILED_FILE
 
 
 def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> None:
@@ -98,39 +124,66 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
     import ray
     from ray import tune
 
-    marker = _diverged_marker()
+    quiet_libraries()  # this is the trial's process: a line per checkpoint is noise
+    marker = _failure_marker()
     if marker.exists():
-        # A diverged trial would diverge again from its last checkpoint: fail at once
-        # instead of spending the retries FailureConfig keeps for dead workers and nodes.
-        raise TrainingDiverged(marker.read_text())
+        # Tune retries every failure (FailureConfig is for dead workers and nodes); a
+        # deterministic one fails again at once instead of training again.
+        raise TrialFailed(marker.read_text())
     cfg = spec.trial_config(point_of(config))
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, epochs=spec.max_epochs))
     data = shared.prepared()
-
     node = ray.get_runtime_context().get_node_id()
+    patience = cfg.loop.early_stopping_patience
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        tune.report({**metrics, "node_id": node},
+        stale = metrics["epoch"] - metrics["best_epoch"]
+        best = metrics["best"]  # None while every epoch's value was NaN
+        tune.report({**metrics, searched_metric(spec.metric): float("nan") if best is None else best, "node_id": node,
+                     # the trial ends itself (early stopping): not a trial the scheduler pruned
+                     "early_stopped": float(bool(patience) and stale >= patience)},
                     checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with tempfile.TemporaryDirectory(prefix="cxrtune-trial-") as work:
         resume = _restore_checkpoint(Path(work))
         try:
             fit(cfg, data, report, workdir=Path(work) / "run", resume=resume)
-        except TrainingDiverged as exc:
-            marker.write_text(str(exc))
+        except RETRYABLE:
+            raise
+        except Exception as exc:
+            marker.write_text(f"{type(exc).__name__}: {exc}")
             raise
 
 
+class TrialFailed(RuntimeError):
+    """A trial's earlier attempt failed in a way a retry cannot fix (its text is kept)."""
+
+
+def _latest_saved_checkpoint() -> Optional[Path]:
+    """The newest checkpoint the trial wrote to its folder. After the driver is killed,
+    Tune's last experiment snapshot may predate the trial's newest checkpoints (or any):
+    the folder is the truth, so a trial running at the kill goes on from its last epoch."""
+    from ray import tune
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    saved = sorted(trial_dir.glob("checkpoint_*/" + CHECKPOINT_FILE))
+    return saved[-1].parent if saved else None
+
+
 def _restore_checkpoint(work: Path) -> Optional[Path]:
-    """Copy the trial's last reported checkpoint (after a worker/node failure or a
-    resumed search) to local disk; None for a fresh trial."""
+    """Copy the trial's last checkpoint (after a worker/node failure or a resumed search)
+    to local disk; None for a fresh trial."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
+    saved = _latest_saved_checkpoint()
+    target = work / "restored"
+    if saved is not None and (checkpoint is None or saved.name > Path(checkpoint.path).name):
+        log.info("continuing from %s", saved)
+        shutil.copytree(saved, target)
+        return target
     if checkpoint is None:
         return None
-    target = work / "restored"
     with checkpoint.as_directory() as d:
         shutil.copytree(d, target)
     return target
@@ -144,18 +197,38 @@ def point_of(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config.get("point", config))
 
 
+class TrialSearcher(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial the scheduler stopped early is PRUNED (TPE
+    then ranks it by its intermediate values, below finished trials) instead of COMPLETE
+    with a partial value."""
+
+    def __init__(self, *args: Any, max_epochs: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if error or not result or trial_id in self._completed_trials or not _pruned(result, self.max_epochs):
+            return super().on_trial_complete(trial_id, result, error)
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def _pruned(result: dict, max_epochs: int) -> bool:
+    """Whether a trial's last result is that of a trial the scheduler stopped early."""
+    return ended_as(result, max_epochs) == STOPPED_EARLY
+
+
 def _search_alg(spec: SearchSpec) -> tuple[Any, int, Optional[dict]]:
     """(search algorithm, number of samples, param_space)."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     if spec.search.algorithm == "grid":
         # Ray's grid over whole points keeps conditional parameters out of the product.
         points = grid_points(spec)
         log.info("grid search: %d points (search.num_samples is ignored)", len(points))
         return None, 1, {"point": tune.grid_search(points)}
-    alg = OptunaSearch(space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
-                       sampler=optuna_sampler(spec))
+    alg = TrialSearcher(space=define_by_run(spec), metric=searched_metric(spec.metric), mode=spec.mode,
+                            sampler=optuna_sampler(spec), max_epochs=spec.max_epochs)
     return alg, spec.search.num_samples, None
 
 
@@ -172,7 +245,10 @@ def _scheduler(spec: SearchSpec):
 
 def _reporter(spec: SearchSpec):
     prefix = "point/" if spec.search.algorithm == "grid" else ""  # Ray looks nested keys up by "/"
-    return ProgressTable(metric_columns={"epoch": "epoch", spec.metric: spec.metric, "val/loss": "val loss"},
+    return ProgressTable(metric_columns={"epoch": "epoch", spec.metric: spec.metric,
+                                         searched_metric(spec.metric): "best so far"},
+                       # (its "current best trial" line ranks by TuneConfig's metric: the
+                       # best-so-far, so it never goes down)
                        # conditional parameters are absent from some trials: the table
                        # cannot look them up
                        parameter_columns=[prefix + p.name for p in spec.params if not p.when][:6],
@@ -198,28 +274,165 @@ def experiment_dir(spec: SearchSpec) -> str:
     return f"{spec.storage.resolved().rstrip('/')}/{spec.name}"
 
 
+class MlflowCallback(Callback):
+    """The Tune callback that logs each trial to MLflow, on the driver: Tune's hooks are
+    handed to a ``tracking.TrialLogger`` (which knows no Ray). Tuner pickles it into
+    tuner.pkl without its live tracker; after ``Tuner.restore`` the driver attaches its
+    own (``attach_restored``)."""
+
+    def __init__(self, logger: TrialLogger) -> None:
+        self.logger = logger
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.logger.on_trial_start(iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.logger.on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.logger.on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.logger.on_trial_error(iteration, trials, trial, **info)
+
+    @staticmethod
+    def attach_restored(tuner: Any, tracker: Tracker) -> int:
+        """Attach ``tracker`` to the callbacks ``Tuner.restore`` unpickled (Ray 2.60 takes
+        no new callbacks on restore; they sit in the tuner's RunConfig). Returns how many."""
+        local = getattr(tuner, "_local_tuner", None)  # None with Ray Client: callbacks run remotely
+        callbacks = local.get_run_config().callbacks if local is not None else None
+        found = [cb for cb in callbacks or [] if isinstance(cb, MlflowCallback)]
+        for cb in found:
+            cb.logger.attach(tracker)
+        return len(found)
+
+    @staticmethod
+    def trial_records(experiment: str) -> list[TrialRecord]:
+        """What Tune knows of every trial of ``experiment`` (for ``Tracker.reconcile``)."""
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(experiment)
+        frames = analysis.trial_dataframes
+        records = []
+        for t in analysis.trials:
+            df = frames.get(t.trial_id)
+            try:
+                error = error_text(t) if t.status == "ERROR" else None
+            except Exception:  # noqa: BLE001 - the error file's storage may be gone
+                error = "unknown error"
+            records.append(TrialRecord(str(t.trial_id), point_of(t.config or {}),
+                                       [] if df is None else df.to_dict("records"), str(t.status), error,
+                                       getattr(t, "custom_trial_name", None)))
+        return records
+
+
 # ------------------------------------------------------------------ driver
 
 
-def _init_ray(address: Optional[str]) -> None:
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing answers at ``address`` (Ray itself retries for minutes)."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); check that the head "
+                          "node is up (`ray status` on it) and the address is host:6379 or "
+                          "ray://host:10001, or leave --address and RAY_ADDRESS out to start a local "
+                          "Ray") from None
+
+
+def _describe_cluster() -> str:
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    return (f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs")
+
+
+def init_ray(address: Optional[str]) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS); without one, start a Ray of this
+    search's own, never a cluster someone else started on this machine."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return
     if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise ConfigError(f"--address {address}: cannot join the Ray cluster ({exc}); start one with "
+                              "`ray up cluster.yaml` or `ray start --head`, or leave --address out") from None
+        log.info("joined the Ray cluster at %s: %s", address, _describe_cluster())
     else:
-        log.info("starting a local Ray on this machine")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        log.info("started a local Ray: %s", _describe_cluster())
+
+
+def _autoscaled_fit(need: dict[str, float]) -> bool:
+    """Whether the cluster's autoscaler config (``ray up``) has a node type that fits
+    ``need`` and may still be started. A local Ray has no such config."""
+    from ray._private.state import state  # what Ray Train and Ray Data read it with
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or unusual cluster: assume it cannot scale
+        return False
+    groups = config.node_group_configs if config is not None else []
+    return any(g.max_count != 0 and all(g.resources.get(k, 0) >= v for k, v in need.items()) for g in groups)
+
+
+def check_trial_fits(spec: SearchSpec) -> None:
+    """Refuse (in seconds) a search whose trials no node can ever run: Tune would keep
+    them PENDING forever."""
+    import ray
+
+    need = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(r.get(k, 0.0) >= v for k, v in need.items()) for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU" for r in nodes) or "no nodes"
+    what = f"a trial needs {need['CPU']:g} CPU + {need['GPU']:g} GPU (resources in {spec.file})"
+    if _autoscaled_fit(need):
+        log.warning("%s; no node has that yet (%s): waiting for the autoscaler to add one", what, have)
+        return
+    fix = ("set resources.gpu: 0 to train on CPUs, or join a cluster with GPUs (--address)"
+           if need["GPU"] > 0 else "lower resources.cpu")
+    raise ConfigError(f"{what}, but no node of this Ray cluster has that ({have}); {fix}")
+
+
+def check_storage_writable(spec: SearchSpec) -> None:
+    """An unwritable results folder fails now, not after the first trial's first epoch."""
+    path = spec.storage.resolved()
+    if "://" in path:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".cxrtune-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"storage.path={spec.storage.path!r}: cannot write there ({exc.strerror or exc}); "
+                          "choose a folder you can write (--set storage.path=...)") from None
 
 
 def _versions() -> dict[str, str]:
-    """Installed versions, read from package metadata (nothing is imported for it)."""
-    from importlib.metadata import version
+    """Installed versions, read from package metadata (nothing is imported for it). MLflow
+    may be installed as mlflow-skinny alone (no "mlflow" distribution)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {name: version(name) for name in ("cxrtune", "torch", "ray", "optuna", "mlflow")}
+    def first(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "not installed"
+
+    return {"cxrtune": first("cxrtune"), "torch": first("torch"), "ray": first("ray"),
+            "optuna": first("optuna"), "mlflow": first("mlflow", "mlflow-skinny")}
 
 
 def _git_commit() -> str:
@@ -244,10 +457,7 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(state, indent=2))
 
 
 def _start_tracking(spec: SearchSpec, data: PreparedData, state: dict) -> tuple[Tracker, Optional[str]]:
@@ -276,7 +486,7 @@ def _build_tuner(spec: SearchSpec, shared: SharedData, callbacks: list, resume: 
                                   resume_errored=False)
     alg, num_samples, param_space = _search_alg(spec)
     tune_config = tune.TuneConfig(
-        metric=spec.metric, mode=spec.mode, search_alg=alg, scheduler=_scheduler(spec),
+        metric=searched_metric(spec.metric), mode=spec.mode, search_alg=alg, scheduler=_scheduler(spec),
         num_samples=num_samples, max_concurrent_trials=spec.search.max_concurrent,
         time_budget_s=spec.search.time_budget_s,
         # Reusing a trial's worker process skips re-importing torch and starting CUDA (7-9 s).
@@ -315,46 +525,129 @@ def with_run_name(spec: SearchSpec, resume: bool) -> SearchSpec:
     return spec
 
 
+def _space_record(spec: SearchSpec) -> dict[str, Any]:
+    """What a resumed search must share with the one it continues (everything but names)."""
+    record = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "file")}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _check_same_space(spec: SearchSpec, state: dict[str, Any]) -> None:
+    """--resume with a changed space file (or other --set values) would mix two searches."""
+    before = state.get("space")
+    if before is None:
+        return
+    old, new = flatten_dict(before), flatten_dict(_space_record(spec))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        raise ConfigError(f"--resume: {spec.file} (with its --set values) differs from the space search "
+                          f"{spec.name!r} was started with ({diffs}); resume with the original file and "
+                          "--set values, or run without --resume to start a new search")
+
+
+def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten_dict(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search ``spec``; returns a summary with the best trial and its test scores."""
+    """Run (or resume) the search ``spec``; returns a summary with the best trial and its test scores.
+
+    Everything that can be checked is checked before the MLflow parent run is created
+    (storage, cluster, resources); from then on every failure (Ctrl-C included) ends the
+    parent run as FAILED or KILLED, never leaving it RUNNING."""
     spec = with_run_name(spec, resume)
-    data = prepare_data(spec.data)
     state_path = _state_path(spec)
     state = _load_state(state_path) if resume else {}
+    if resume:
+        _check_same_space(spec, state)
+        if state.get("summary"):
+            log.info("search %r has already finished; nothing to resume (its summary follows)", spec.name)
+            return state["summary"]
+    check_storage_writable(spec)
+    check_inputs(spec)
+    init_ray(address)
+    check_trial_fits(spec)
+    data = prepare_data(spec.data)
     tracker, parent = _start_tracking(spec, data, state)
-    _save_state(state_path, {"parent_run_id": parent, "space_file": spec.file, "name": spec.name})
-    _init_ray(address)
-    callbacks = [tracker.callback(metric=spec.metric, mode=spec.mode, max_epochs=spec.max_epochs,
-                                  parent_run_id=parent, params_of=point_of)]
-    tuner = _build_tuner(spec, SharedData.of(data), callbacks, resume)
+    state = {"parent_run_id": parent, "space_file": spec.file, "name": spec.name, "space": _space_record(spec)}
+    _save_state(state_path, state)
     try:
+        callbacks = [MlflowCallback(tracker.trial_logger(metric=spec.metric, mode=spec.mode,
+                                                         max_epochs=spec.max_epochs, params_of=point_of))]
+        tuner = _build_tuner(spec, SharedData.of(data), callbacks, resume)
+        if resume:  # Tuner.restore brought back its own (pickled) callbacks, without a tracker
+            MlflowCallback.attach_restored(tuner, tracker)
         results = tuner.fit()
         summary = _finish(spec, data, results, tracker, parent)
+    except KeyboardInterrupt:
+        tracker.end_parent(parent, status="KILLED")
+        raise
     except BaseException:
         tracker.end_parent(parent, status="FAILED")
         raise
     finally:
-        tracker.close()
+        tracker.close()  # flushes what an MLflow outage held back, as far as it can
+    summary.update(mlflow_skipped_calls=tracker.skipped, mlflow_not_logged=tracker.not_logged())
+    _save_state(state_path, {**state, "summary": summary})
     return summary
 
 
 # ------------------------------------------------------------------ after the search
 
 
+def _trial_id(result) -> Optional[str]:
+    """A result's trial id; trials that never reported carry it only in their folder name."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    m = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", Path(str(result.path or "")).name)
+    return m.group(1) if m else None
+
+
+def _creation_order(trial_id: Optional[str]) -> tuple[int, str]:
+    """Tune numbers trials in creation order: ..._00000, ..._00001."""
+    tail = (trial_id or "").rsplit("_", 1)[-1]
+    return (int(tail) if tail.isdigit() else 1 << 30, trial_id or "")
+
+
+def _trial_status(result, max_epochs: int) -> str:
+    if result.error:
+        return FAILED
+    last = result.metrics or {}
+    if not last.get("epoch"):
+        return NOT_STARTED
+    return ended_as(last, max_epochs)
+
+
+def _error_cause(error: BaseException) -> str:
+    """The trial's own exception, not Ray's wrapper around it (and its traceback)."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
 def _trial_rows(spec: SearchSpec, results) -> list[dict[str, Any]]:
+    """Every trial, best first (by its best epoch's value; the earliest trial wins ties),
+    then those without a value."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
-        best = None
-        if df is not None and spec.metric in df:
-            col = df[spec.metric].dropna()
-            best = float(col.max() if spec.mode == "max" else col.min()) if len(col) else None
-        rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None,
-                     "status": "failed" if r.error else "finished",
-                     "epochs": int(r.metrics.get("epoch", 0)) if r.metrics else 0,
-                     "best": best, "config": point_of(r.config), "error": str(r.error)[:200] if r.error else None})
-    key = (lambda x: -x["best"]) if spec.mode == "max" else (lambda x: x["best"])
-    return sorted(rows, key=lambda x: (x["best"] is None, key(x) if x["best"] is not None else 0))
+        values = df[spec.metric].tolist() if df is not None and spec.metric in df else []
+        i = best_index(values, spec.mode)
+        rows.append({"trial_id": _trial_id(r), "status": _trial_status(r, spec.max_epochs),
+                     "epochs": int((r.metrics or {}).get("epoch", 0)),
+                     "best": None if i is None else float(values[i]),
+                     "best_epoch": None if i is None else int(df["epoch"].iloc[i]),
+                     "config": point_of(r.config or {}), "error": _error_cause(r.error) if r.error else None,
+                     "result": r})
+    # sorted() is stable and the key breaks no ties: equal values keep creation order
+    rows.sort(key=lambda x: _creation_order(x["trial_id"]))
+    return sorted(rows, key=lambda x: rank_key(x["best"], spec.mode))
 
 
 def _trial_ids(spec: SearchSpec) -> list[str]:
@@ -364,42 +657,82 @@ def _trial_ids(spec: SearchSpec) -> list[str]:
     return [t.trial_id for t in ExperimentAnalysis(experiment_dir(spec)).trials]
 
 
-def _best_epoch_metrics(result, spec: SearchSpec) -> dict[str, float]:
+def _unfinished(spec: SearchSpec) -> list[str]:
+    """Trials neither finished nor failed: the search was interrupted (Ctrl-C)."""
+    from ray.tune import ExperimentAnalysis
+
+    return [t.trial_id for t in ExperimentAnalysis(experiment_dir(spec)).trials
+            if t.status not in ("TERMINATED", "ERROR")]
+
+
+def _best_checkpoint(row: dict[str, Any], spec: SearchSpec):
+    """The checkpoint of the trial's best epoch (the earliest of equal ones)."""
+    result = row["result"]
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics.get("epoch") == row["best_epoch"]:
+            return checkpoint
+    return result.get_best_checkpoint(spec.metric, spec.mode) or result.checkpoint
+
+
+def _best_epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
     """The validation metrics of the trial's best epoch (the one its checkpoint keeps)."""
-    df = result.metrics_dataframe.dropna(subset=[spec.metric])
-    row = df.loc[df[spec.metric].idxmax() if spec.mode == "max" else df[spec.metric].idxmin()]
-    return {k: float(v) for k, v in row.items() if str(k).startswith("val/") and pd.notna(v)}
+    df = row["result"].metrics_dataframe
+    epoch = df[df["epoch"] == row["best_epoch"]].iloc[0]
+    return {k: float(v) for k, v in epoch.items() if str(k).startswith("val/") and pd.notna(v)}
+
+
+def _disk_used(*paths: str) -> int:
+    """Bytes under the given local folders (URIs count 0)."""
+    total = 0
+    for path in paths:
+        if "://" not in path and Path(path).exists():
+            total += sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return total
 
 
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
     rows = _trial_rows(spec, results)
     tracker.drop_orphan_children(_trial_ids(spec))
-    ok = [r for r in results if not r.error]
-    if not ok:
+    # Runs of trials not logged during an MLflow outage, or left RUNNING by a killed driver.
+    tracker.reconcile(MlflowCallback.trial_records(experiment_dir(spec)), spec.metric, spec.mode,
+                      spec.max_epochs)
+    unfinished = _unfinished(spec)
+    if unfinished:
+        tracker.end_parent(parent, status="KILLED")
+        raise SearchInterrupted(f"search {spec.name!r} was interrupted with {len(unfinished)} trial(s) "
+                                f"unfinished; continue it with: cxrtune search {spec.file} --resume")
+    ranked = [r for r in rows if r["best"] is not None]
+    if not ranked:
         tracker.end_parent(parent, status="FAILED")
-        raise RuntimeError(f"all {len(rows)} trials failed; first error: {rows[0]['error'] if rows else '-'}")
+        first = next((r for r in sorted(rows, key=lambda x: _creation_order(x["trial_id"])) if r["error"]), None)
+        raise SearchFailed(f"all {len(rows)} trials of {spec.name!r} failed; the first "
+                           f"({first['trial_id'] if first else '-'}) with {first['error'] if first else '-'}")
     # Selection uses validation scores only; the test split is touched once, afterwards.
-    best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all", filter_nan_and_inf=True)
-    best_row = next(r for r in rows if r["trial_id"] == best.metrics.get("trial_id"))
-    checkpoint = best.get_best_checkpoint(spec.metric, spec.mode) or best.checkpoint
+    best_row = ranked[0]
+    best = best_row["result"]
+    checkpoint = _best_checkpoint(best_row, spec)
     with checkpoint.as_directory() as ckpt_dir:
         ev = evaluate_checkpoint(Path(ckpt_dir), data, "test")
-        best_val = _best_epoch_metrics(best, spec)
         preprocessing = {"task": data.cfg.task, "classes": list(data.scheme.classes),
                          "image_size": data.cache.size, "input_mean": ev.input_stats[0],
                          "input_std": ev.input_stats[1], "in_channels": ev.config.model.in_channels,
                          "cxrnorm": to_dict(ev.config.preprocess)}
-        tracker.log_best(parent, best.metrics.get("trial_id"), point_of(best.config), best_val, ev.metrics,
-                         ev.confusion, list(data.scheme.classes), Path(ckpt_dir), ev.model, preprocessing,
-                         spec.tracking.register_model)
+        tracker.log_best(parent, best_row["trial_id"], point_of(best.config), _best_epoch_metrics(best_row),
+                         ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), ev.model,
+                         preprocessing, spec.tracking.register_model)
     tracker.end_parent(parent, status="FINISHED")
-    return {"name": spec.name, "experiment_dir": experiment_dir(spec), "metric": spec.metric,
-            "mode": spec.mode, "n_trials": len(rows), "n_failed": sum(r["status"] == "failed" for r in rows),
-            "top_trials": rows[:5], "best_trial": best.metrics.get("trial_id"),
+    counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, FAILED, NOT_STARTED)}
+    return {"name": spec.name, "space_file": spec.file, "experiment_dir": experiment_dir(spec),
+            "metric": spec.metric, "mode": spec.mode, "n_trials": len(rows), "n_failed": counts[FAILED],
+            "counts": counts, "trials": [{k: v for k, v in r.items() if k != "result"} for r in rows],
+            "best_trial": best_row["trial_id"], "best_epoch": best_row["best_epoch"],
             "best_config": point_of(best.config), "best_val": best_row["best"],
-            "test_metrics": ev.metrics, "confusion": ev.confusion.tolist(),
-            "classes": list(data.scheme.classes), "mlflow_parent_run": parent,
-            "mlflow_ui": tracker.ui_command(), "mlflow_skipped_calls": tracker.skipped}
+            "best_checkpoint": str(checkpoint.path), "test_metrics": ev.metrics,
+            "confusion": ev.confusion.tolist(), "classes": list(data.scheme.classes),
+            "mlflow_parent_run": parent, "mlflow_ui": tracker.ui_command(),
+            "registered_model": tracker.registered,
+            "disk_bytes": {"results": _disk_used(experiment_dir(spec)),
+                           "cache": _disk_used(str(data.cache.directory.parent))}}
 
 
 def debug_trial(spec: SearchSpec, output: Optional[str] = None) -> dict[str, Any]:

@@ -26,29 +26,53 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+class MlflowServer:
+    """A real `mlflow server` on a fixed port with a sqlite store under ``root``, that can
+    be stopped (SIGKILL, like a crash) and started again on the same port and store."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout_s: float = 90) -> "MlflowServer":
+        self._log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{self.root}/mlflow.db", "--default-artifact-root", str(self.root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(self.uri):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.25)
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL the server and everything it started; the port is free again."""
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
 @contextlib.contextmanager
 def mlflow_server(root: Path):
     """`mlflow server` on a free port with a sqlite store under ``root``; yields (uri, process)."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(root)
     try:
-        deadline = time.monotonic() + 90
-        while not _healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri, proc
+        server.start()
+        yield server.uri, server.proc
     finally:
-        kill_group(proc)
-        log.close()
+        server.stop()
 
 
 def _healthy(uri: str) -> bool:

@@ -243,3 +243,24 @@ def test_pickle_sends_the_directory_not_the_pixels(images: list[Path], tmp_path:
     back = pickle.loads(blob)
     assert back.paths == c.paths and isinstance(back.images, np.memmap)
     np.testing.assert_array_equal(back.images, c.images)
+
+
+def test_small_images_and_alpha_are_reported_once_with_a_count(images, tmp_path: Path, caplog) -> None:
+    from PIL import Image
+
+    small = [tmp_path / "imgs" / f"tiny{i}.png" for i in range(3)]
+    for p in small:
+        assert cv2.imwrite(str(p), np.full((8, 8), 90, np.uint8))  # below the 16 px cache size
+    rgba = np.full((30, 30, 4), 120, np.uint8)
+    rgba[..., 3] = 10
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "imgs" / "alpha.png")
+    paths = images + small + [tmp_path / "imgs" / "alpha.png"]
+    with caplog.at_level(logging.INFO, logger="cxrtune.data.cache"):
+        build_cache(paths, SIZE, tmp_path / "cache", workers=2, progress=False)
+    up = [r for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(up) == 1 and up[0].levelno == logging.WARNING
+    assert f"3 of {len(paths)} images are smaller than {SIZE} px" in up[0].getMessage()
+    assert "tiny0.png" in up[0].getMessage()
+    alpha = [r for r in caplog.records if "alpha (transparency)" in r.getMessage()]
+    assert len(alpha) == 1 and f"1 of {len(paths)} images" in alpha[0].getMessage()
+    assert "alpha.png" in alpha[0].getMessage()

@@ -51,3 +51,53 @@ def test_overrides_parse_yaml_values():
     assert out == {"data": {"task": "four_class", "image_size": 64}, "x": {"y": [1, 2]}}
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["novalue"])
+
+
+def test_select_mode_follows_the_metric():
+    from cxrtune.config import LoopConfig, load_trial_config
+
+    assert LoopConfig().mode == "max"
+    assert LoopConfig(select_metric="val/loss").mode == "min"
+    assert LoopConfig(select_metric="val/ece", select_mode="min").mode == "min"
+    assert load_trial_config(None, ["loop.select_metric=val/loss"]).loop.mode == "min"
+
+
+def test_select_mode_contradicting_the_metric_is_an_error():
+    from cxrtune.config import load_trial_config
+
+    with pytest.raises(ConfigError) as e:
+        load_trial_config(None, ["loop.select_metric=val/loss", "loop.select_mode=max"])
+    msg = str(e.value)
+    assert "loop.select_mode=max" in msg and "val/loss is lower-is-better" in msg
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    from cxrtune.config import load_trial_config
+
+    assert load_trial_config(None, ["optimizer.lr=1e-3"]).optimizer.lr == 0.001
+    f = tmp_path / "t.yaml"
+    f.write_text("optimizer:\n  lr: 1e-3\n  weight_decay: 5E-5\n")
+    cfg = load_trial_config(f)
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.weight_decay == 5e-5
+    with pytest.raises(ConfigError, match="optimizer.lr='fast': expected float"):
+        load_trial_config(None, ["optimizer.lr=fast"])
+
+
+def test_focal_alpha_may_be_a_yaml_list(tmp_path):
+    from cxrtune.config import load_trial_config
+
+    f = tmp_path / "t.yaml"
+    f.write_text("data: {task: binary}\nloss: {name: focal, alpha: [0.25, 0.75]}\n")
+    assert load_trial_config(f).loss.alpha == (0.25, 0.75)
+    f.write_text("data: {task: binary}\nloss: {name: focal, alpha: [0.5, 0.3, 0.2]}\n")
+    with pytest.raises(ConfigError, match="has 3 values but the task has 2 classes"):
+        load_trial_config(f)
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    from cxrtune.config import load_trial_config
+
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"config file .*empty.yaml is empty"):
+        load_trial_config(f)

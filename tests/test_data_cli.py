@@ -29,8 +29,8 @@ def cli(*args, code=0):
     return result
 
 
-def cli_json(*args):
-    return json.loads(cli(*args, "--json").stdout)
+def cli_json(*args, code=0):
+    return json.loads(cli(*args, "--json", code=code).stdout)
 
 
 def synth(tmp_path, layout, n=120, seed=0):
@@ -83,8 +83,10 @@ def test_inspect_finds_unreadable_files_and_cross_split_duplicates(tmp_path, hom
     copy = root / "chest_xray" / "test" / "PNEUMONIA" / "person9999_bacteria_1.jpeg"
     cv2.imwrite(str(copy), cv2.resize(img, None, fx=1.5, fy=1.5), [cv2.IMWRITE_JPEG_QUALITY, 80])
     (root / "chest_xray" / "train" / "NORMAL" / "IM-9998-0001.jpeg").write_bytes(b"")
-    r = cli_json("data", "inspect", "--source", "kermany", "--root", str(root), "--image-size", "64")
+    # Leakage: exit 1, the full report still printed.
+    r = cli_json("data", "inspect", "--source", "kermany", "--root", str(root), "--image-size", "64", code=1)
     assert any(p.endswith("IM-9998-0001.jpeg") for p in r["unreadable"])
+    assert r["leakage"] and r["leakage"][0] in r["problems"]
     assert "empty" in next(iter(r["unreadable_reasons"].values()))
     crossing = [g for g in r["cross_split_duplicates"] if any(str(copy) in p for p in g)]
     assert crossing and any(str(train) in p for p in crossing[0])
@@ -97,6 +99,7 @@ def test_bad_image_with_error_policy_fails_and_leaves_no_cache(tmp_path, home):
     (root / "viral" / "broken.png").write_bytes(b"not a png at all")
     r = cli("data", "cache", "--source", "imagefolder", "--root", str(root), "--image-size", "32", code=2)
     assert "broken.png" in r.output and "on_bad_image: skip" in r.output
+    assert "--on-bad-image skip" in r.output  # the flag of the command that failed
     assert sorted(p.name for p in (home / "cache").iterdir()) == before  # nothing half-written, old cache kept
     skip = cli_json("data", "cache", "--source", "imagefolder", "--root", str(root), "--image-size", "32",
                     "--on-bad-image", "skip")
@@ -106,6 +109,7 @@ def test_bad_image_with_error_policy_fails_and_leaves_no_cache(tmp_path, home):
 def test_four_class_on_coronahack_needs_a_resplit(tmp_path, home):
     r = cli("data", "cache", "--task", "four_class", "--image-size", "32", code=2)
     assert "no images of class(es) covid" in r.output and "resplit_test: true" in r.output
+    assert "--resplit-test" in r.output
     ok = cli_json("data", "cache", "--task", "four_class", "--image-size", "32", "--resplit-test")
     assert ok["split_counts"]["test"] > 0
 
@@ -125,7 +129,7 @@ def test_bad_arguments_exit_2_with_the_fix(tmp_path, home, args, message):
 def test_synth_refuses_to_overwrite(tmp_path):
     out = synth(tmp_path, "imagefolder", n=40)
     r = cli("data", "synth", "--out", str(out), "--n", "40", "--layout", "imagefolder", code=2)
-    assert "overwrite" in r.output
+    assert "--overwrite" in r.output  # the flag the user types
 
 
 def test_console_script_help():

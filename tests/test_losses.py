@@ -120,3 +120,10 @@ def test_validate_alpha_not_numbers():
     with pytest.raises(ConfigError, match="finite number >= 0"):
         LossConfig(name="focal", alpha="-1,2").validate()
     LossConfig(name="focal", alpha="0.25,0.75").validate()  # length unchecked without num_classes
+
+
+def test_alpha_as_a_list_equals_alpha_as_a_string():
+    listed = build_loss(LossConfig(name="focal", alpha=(0.25, 0.5, 0.25)), COUNTS)
+    assert listed.alpha.tolist() == [0.25, 0.5, 0.25]
+    with pytest.raises(ConfigError, match=r"loss.alpha=\[0.5, 0.5\]: has 2 values but the task has 3"):
+        LossConfig(name="focal", alpha=(0.5, 0.5)).validate(num_classes=3)

@@ -152,3 +152,13 @@ def test_check_metric_name():
     with pytest.raises(ConfigError):  # plain sensitivity only exists for 2 classes
         check_metric_name("val/sensitivity", ABC, has_binary=False)
     check_metric_name("val/sensitivity", ("normal", "pneumonia"), has_binary=False)
+
+
+def test_binary_pr_auc_is_of_the_positive_class_like_roc_auc():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9, 0.4])
+    m = classification_metrics(y, np.stack([1 - p1, p1], axis=1), ("normal", "pneumonia"))
+    assert m["roc_auc_macro"] == pytest.approx(roc_auc_score(y, p1))
+    assert m["pr_auc_macro"] == pytest.approx(average_precision_score(y, p1))

@@ -18,10 +18,12 @@ from cxrtune.models import (
     ModelConfig,
     build_model,
     head_parameters,
+    imagenet_weights_file,
     input_size,
     logits_and_aux,
     set_backbone_frozen,
 )
+from cxrtune.model_config import torch_hub_dir
 
 NUM_CLASSES = 3
 
@@ -257,6 +259,29 @@ def test_missing_imagenet_file_names_file_and_directory(monkeypatch, tmp_path) -
     assert tvm.ResNet50_Weights.DEFAULT.url in message
 
 
+def test_weights_table_matches_torchvision() -> None:
+    # model_config.py copies each backbone's weights file name so `cxrtune validate` can
+    # check the cache without importing torch: this catches a torchvision upgrade moving it
+    for name in BACKBONES:
+        spec = BACKBONES.get(name)
+        if spec.weights_enum is None:
+            assert spec.weights_file is None, name
+            continue
+        path, url = imagenet_weights_file(name)
+        assert url == getattr(tvm, spec.weights_enum).DEFAULT.url, name
+        assert path.name == spec.weights_file
+
+
+@pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "xdg"}, {"TORCH_HOME": "th", "XDG_CACHE_HOME": "xdg"}])
+def test_torch_hub_dir_follows_torch(monkeypatch, tmp_path, env) -> None:
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(tmp_path / value))
+    assert torch_hub_dir() == Path(torch.hub.get_dir())
+
+
 def test_small_cnn_has_no_imagenet_weights() -> None:
     with pytest.raises(ConfigError, match="no ImageNet weights"):
         ModelConfig(backbone="simple_cnn", weights="imagenet").validate()
@@ -317,7 +342,7 @@ def test_state_dict_path_with_missing_key_is_rejected(tmp_path) -> None:
 def test_file_that_is_not_weights(tmp_path) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("hello")
-    with pytest.raises(ConfigError, match="cannot be read as PyTorch weights"):
+    with pytest.raises(ConfigError, match="is not PyTorch weights: not a file written by torch.save"):
         build_model(ModelConfig(backbone="resnet18", weights=str(path)), NUM_CLASSES, 32)
 
 
@@ -340,3 +365,46 @@ def test_bad_config_lists_every_problem() -> None:
 def test_build_model_validates() -> None:
     with pytest.raises(ConfigError, match="in_channels=2"):
         build_model(ModelConfig(backbone="resnet18", in_channels=2), NUM_CLASSES, 32)
+
+
+def test_chexnet_file_that_is_not_a_checkpoint_says_what_is_expected(tmp_path) -> None:
+    path = tmp_path / "model.pth.tar"
+    path.write_text("hello")
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(backbone="densenet121", weights=f"chexnet:{path}"), NUM_CLASSES, 32)
+    msg = str(err.value)
+    assert "is not PyTorch weights: not a file written by torch.save" in msg
+    assert "expected the CheXNet DenseNet-121 checkpoint" in msg and "model.pth.tar" in msg
+    assert "101" not in msg
+
+
+def test_head_logits_are_float32_under_bf16_autocast() -> None:
+    from cxrtune.models import DropoutLinear
+
+    head = DropoutLinear(8, 3)
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.nn.functional.linear(x.float(), head.weight, head.bias))
+    model = build_model(ModelConfig(backbone="simple_cnn"), NUM_CLASSES, 32).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 1, 32, 32))
+    assert logits.dtype == torch.float32  # so softmax, AUC and ECE see fp32 logits
+
+
+def test_frozen_batchnorm_keeps_its_running_statistics() -> None:
+    from cxrtune.models import keep_frozen_batchnorm_in_eval, set_backbone_frozen
+
+    model = build_model(ModelConfig(backbone="convnet5"), NUM_CLASSES, 32)
+    bn = model.features[3]
+    set_backbone_frozen(model, "convnet5", True)
+    model.train()
+    keep_frozen_batchnorm_in_eval(model)
+    before = bn.running_mean.clone()
+    model(torch.randn(4, 1, 32, 32))
+    assert not bn.training and torch.equal(bn.running_mean, before)
+    set_backbone_frozen(model, "convnet5", False)
+    model.train()
+    keep_frozen_batchnorm_in_eval(model)
+    assert bn.training

@@ -99,7 +99,7 @@ def _grad(w):
 
 def _sam_by_hand(w, lr, rho, adaptive):
     g = _grad(w)
-    t = w.abs() if adaptive else torch.ones_like(w)
+    t = w.abs() + 0.01 if adaptive else torch.ones_like(w)  # ASAM's T_w = |w| + eta
     e = rho * t**2 * g / torch.linalg.vector_norm(t * g)
     return w - lr * _grad(w + e)
 
@@ -313,3 +313,24 @@ def test_bf16_autocast_sam_step_is_finite():
         _train_step(opt, model, x, y)
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     assert not math.isnan(opt.param_groups[0]["lr"])
+
+
+def test_asam_perturbs_zero_parameters_by_eta():
+    w0 = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    w.grad = g.clone()
+    SAM([w], torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1).first_step()
+    t = torch.tensor([0.01, 1.01, 2.01], dtype=torch.float64)  # |w| + eta, eta = 0.01
+    expected = w0 + 0.5 * t**2 * g / torch.linalg.vector_norm(t * g)
+    assert w[0].item() != 0.0  # a zero weight is perturbed too
+    assert torch.allclose(w.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_asam_eta_is_configurable_and_validated():
+    w = nn.Parameter(torch.tensor([0.0, 1.0]))
+    w.grad = torch.tensor([1.0, 1.0])
+    build_optimizer(OptimConfig(name="sgd", sam="asam", rho=0.5, asam_eta=0.0), [w]).first_step()
+    assert w[0].item() == 0.0  # eta = 0: the original (zero-blind) scaling
+    with pytest.raises(ConfigError, match="optimizer.asam_eta=-1.0: must be >= 0"):
+        OptimConfig(asam_eta=-1.0).validate()

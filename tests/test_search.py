@@ -167,9 +167,28 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_p
     for trial_dir, n in lines_before.items():
         if any(t in trial_dir for t in finished_before):
             assert lines_after[trial_dir] == n  # finished trials were not re-run
-    parents, kids = children(MlflowClient(f"sqlite:///{tmp_path / 'm.db'}"), "cxrtune-demo")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    parents, kids = children(client, "cxrtune-demo")
     assert len(parents) == 1 and len(kids) == 4
     assert len({k.data.tags["cxrtune.trial_id"] for k in kids}) == 4  # no duplicate child runs
+    # A trial running at the kill went on from its last checkpoint: no epoch was trained twice.
+    for trial_dir in exp.glob("run_trial_*"):
+        epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert epochs == list(range(1, len(epochs) + 1)), (trial_dir.name, epochs)
+
+    # Resuming a finished search changes nothing: same summary, the model is not registered again.
+    again = subprocess.run([*exe, *args, "--resume", "--json"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    repeat = json.loads(again.stdout)
+    for key in ("best_trial", "best_val", "mlflow_parent_run", "best_checkpoint", "counts"):
+        assert repeat[key] == summary[key], key
+    assert len(client.search_model_versions("name='cxrtune-best'")) == 1
+    assert len(children(client, "cxrtune-demo")[1]) == 4
+    # ... and a changed space under the same name is refused, naming what differs.
+    changed = subprocess.run([*exe, *args, "--set", "search.seed=7", "--resume"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert changed.returncode == 2 and "search.seed: 0 -> 7" in changed.stderr, changed.stderr[-2000:]
 
 
 def test_unreachable_tracking_server_does_not_stop_the_search(tmp_path, caplog):

@@ -359,7 +359,7 @@ def test_csv_file_root_minimal_columns(tmp_path):
 
 
 def test_csv_missing_manifest(tmp_path):
-    with pytest.raises(DataError, match=r"manifest\.csv' not found; fix: point the root at the CSV file"):
+    with pytest.raises(DataError, match=r"manifest\.csv' not found; fix: set --root \(or data\.root\) to the CSV file"):
         load_records("csv", tmp_path)
 
 
@@ -409,3 +409,46 @@ def test_csv_missing_files_and_bad_extension(tmp_path):
     _write(tmp_path / "manifest.csv", "path,label\nimg/a.png,normal\nnotes.txt,normal\n")
     with pytest.raises(DataError, match=r"not images: line 3: 'notes\.txt'"):
         load_records("csv", tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["../../outside.jpeg", "../test/b1.jpeg", "ABS"])
+def test_coronahack_names_escaping_their_folder_are_rejected(tmp_path, bad):
+    outside = _img(tmp_path / "outside.jpeg")
+    bad = str(outside) if bad == "ABS" else bad
+    rows = _CH_ROWS[:2] + [(bad, "Normal", "TRAIN", "", "", "normal")]
+    _coronahack(tmp_path / "archive", rows=rows[:2])
+    lines = [f"{i},{n},{lab},{split},{l2},{l1}" for i, (n, lab, split, l2, l1, *_) in enumerate(rows)]
+    _write(tmp_path / "archive" / "Chest_xray_Corona_Metadata.csv", _CH_HEADER + "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records("coronahack", tmp_path / "archive")
+    assert f"line 4: {bad!r}" in str(e.value) and "outside" in str(e.value)
+
+
+def test_csv_exact_duplicate_rows_keep_the_first_with_a_warning(tmp_path, caplog):
+    _csv_dataset(tmp_path, "path,label,patient_id\nimg/a.png,normal,p1\nimg/b.png,viral,p2\n"
+                           "img/a.png,normal,p1\n./img/b.png,viral,p2\n")
+    with caplog.at_level(logging.WARNING):
+        records = load_records("csv", tmp_path)
+    assert [r.path.name for r in records] == ["a.png", "b.png"]
+    assert "2 exact duplicate row(s)" in caplog.text and "line 2 = manifest.csv line 4" in caplog.text
+
+
+@pytest.mark.parametrize("rows, what", [
+    ("img/a.png,normal,p1\nimg/b.png,viral,p2\nimg/a.png,viral,p1\n", "label normal"),
+    ("img/a.png,normal,p1\nimg/b.png,viral,p2\nimg/a.png,normal,p3\n", "patient p3"),
+])
+def test_csv_same_file_under_two_labels_or_patients_is_refused(tmp_path, rows, what):
+    _csv_dataset(tmp_path, "path,label,patient_id\n" + rows)
+    with pytest.raises(DataError) as e:
+        load_records("csv", tmp_path)
+    msg = str(e.value)
+    assert "manifest.csv line 2" in msg and "manifest.csv line 4" in msg and what in msg
+    assert "fix: keep one row per image" in msg
+
+
+def test_same_file_reached_twice_through_a_link_is_refused(tmp_path):
+    a = _img(tmp_path / "normal" / "a.png")
+    _img(tmp_path / "viral" / "v.png")
+    (tmp_path / "viral" / "a.png").symlink_to(a)  # one radiograph, two classes
+    with pytest.raises(DataError, match=r"listed more than once.*label normal.*label viral"):
+        load_records("imagefolder", tmp_path)

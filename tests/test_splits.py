@@ -82,3 +82,37 @@ def test_save_and_load_roundtrip(tmp_path):
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(DataError, match="cannot split"):
         split_of(records(n_patients=4, per_patient=3))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_fractions_are_honoured_within_one_patient(fraction):
+    recs = records(n_patients=90, per_patient=3)
+    largest = 3 + 1e-9  # images of the largest patient group
+    df = split_of(recs, val_fraction=fraction, test_fraction=fraction, resplit_test=True)
+    assert (df.groupby("group")["split"].nunique() == 1).all()
+    n_test = (df.split == "test").sum()
+    assert abs(n_test / len(df) - fraction) <= largest / len(df)
+    pool = df[df.split != "test"]
+    assert abs((pool.split == "val").sum() / len(pool) - fraction) <= largest / len(pool)
+    for s in ("train", "val", "test"):  # still stratified
+        assert set(df.loc[df.split == s, "target"]) == set(CLASSES)
+    again = split_of(recs, val_fraction=fraction, test_fraction=fraction, resplit_test=True)
+    pd.testing.assert_frame_equal(df, again)
+
+
+def test_file_name_case_numbers_group_images_without_patient_id():
+    recs = []
+    for case in range(30):
+        label = ("normal", "bacterial", "viral")[case % 3]
+        for k in "abcd":
+            recs.append(Record(path=f"/d/covid-19-pneumonia-case-{case}-{k}.jpg", label=label))
+    df = split_of(recs, resplit_test=True)
+    assert df["group"].nunique() == 30
+    assert (df.groupby("group")["split"].nunique() == 1).all()
+
+
+def test_fold_error_suggests_fewer_folds_not_fractions():
+    with pytest.raises(DataError) as e:
+        split_of(records(n_patients=20), folds=30)
+    msg = str(e.value)
+    assert "30 folds" in msg and "data.folds" in msg and "fraction" not in msg

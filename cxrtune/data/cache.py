@@ -34,10 +34,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..atomic import replacing_file
 from ..errors import ConfigError, DataError
-from .decode import load_gray, to_square
+from .decode import ALPHA_DROPPED, load_gray_noted, to_square
 
-__all__ = ["BadImage", "ImageCache", "ON_BAD_IMAGE", "build_cache", "fingerprint"]
+__all__ = ["BadImage", "ImageCache", "ON_BAD_IMAGE", "build_cache", "existing_cache", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ ON_BAD_IMAGE = ("error", "skip")
 ARRAY_FILE = "images.npy"
 META_FILE = "meta.json"
 _SHOW_BAD = 5  # bad files named in a message; the rest are counted
+UPSCALED = "upscaled"  # note: the image's short edge is below the cache size
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,17 @@ def build_cache(
     return cache
 
 
+def existing_cache(paths: Sequence[Path | str], size: int, cache_root: Path | str) -> ImageCache | None:
+    """The valid cache of ``paths`` at ``size`` px if one was built, else None; builds,
+    removes and logs nothing (for `data inspect`, which must not build one as a side effect)."""
+    directory = Path(cache_root) / fingerprint(paths, size)
+    try:
+        cache = ImageCache.open(directory)
+    except DataError:
+        return None
+    return cache if cache.fingerprint == directory.name else None
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -178,7 +191,8 @@ def _check_bad(cache: ImageCache, n_given: int, on_bad_image: str) -> None:
 
 
 def _bad_images_error(bad: Sequence[BadImage], n_given: int) -> DataError:
-    return DataError(_bad_list(bad, n_given) + "\nfix or remove them, or set data.on_bad_image: skip")
+    return DataError(_bad_list(bad, n_given) + "\nfix: repair or remove them, or leave them out: pass "
+                     "--on-bad-image skip (or set data.on_bad_image: skip)")
 
 
 def _bad_list(bad: Sequence[BadImage], n_given: int) -> str:
@@ -261,28 +275,45 @@ def _decode_all(paths: list[str], size: int, array_path: Path, workers: int,
     images = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
     kept: list[str] = []
     bad: list[BadImage] = []
+    noted: dict[str, list[str]] = {}  # note -> paths
     start = time.perf_counter()
     try:
         with _progress_bar(n, progress) as bar, closing(_decoded(paths, size, workers)) as results:
-            for path, (img, reason) in zip(paths, results):
+            for path, (img, reason, notes) in zip(paths, results):
                 if img is None:
                     bad.append(BadImage(path, reason))
                 else:
                     images[len(kept)] = img  # kept rows stay packed: row i of the cache is kept[i]
                     kept.append(path)
+                for note in notes:
+                    noted.setdefault(note, []).append(path)
                 bar.update(1)
         images.flush()
     finally:
         del images  # unmap before the file is shrunk or removed
     secs = time.perf_counter() - start
     log.info("decoded %d images in %.1f s (%.0f images/s)", n, secs, n / max(secs, 1e-9))
+    _log_notes(noted, n, size)
     if bad and kept:
         _shrink_rows(array_path, len(kept), size)
     return kept, bad
 
 
-def _decoded(paths: list[str], size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str]]:
-    """(image, "") or (None, reason) for each path, in order."""
+def _log_notes(noted: dict[str, list[str]], n: int, size: int) -> None:
+    """Once per build, with a count and an example: silent defaults the user should know of."""
+    up = noted.get(UPSCALED, [])
+    if up:
+        log.warning("%d of %d images are smaller than %d px on their short edge and were "
+                    "upscaled (blurrier than the rest; e.g. %s); consider a smaller --image-size "
+                    "(data.image_size) or removing them", len(up), n, size, up[0])
+    alpha = noted.get(ALPHA_DROPPED, [])
+    if alpha:
+        log.info("note: %d of %d images have an alpha (transparency) channel; it was dropped and "
+                 "the colour under it kept (e.g. %s)", len(alpha), n, alpha[0])
+
+
+def _decoded(paths: list[str], size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str, tuple[str, ...]]]:
+    """(image, "", notes) or (None, reason, ()) for each path, in order."""
     n_workers = min(workers or os.cpu_count() or 1, len(paths))
     if n_workers <= 1:
         yield from map(_decode_one, paths, [size] * len(paths))
@@ -306,12 +337,16 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str]:
-    """Decode and square one image; a bad file is a reason, not an exception."""
+def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str, tuple[str, ...]]:
+    """Decode and square one image; a bad file is a reason, not an exception. Notes say
+    what was silently changed (alpha dropped, upscaled), for one summary per build."""
     try:
-        return to_square(load_gray(path), size), ""
+        img, notes = load_gray_noted(path)
     except DataError as e:
-        return None, getattr(e, "reason", str(e))
+        return None, getattr(e, "reason", str(e)), ()
+    if min(img.shape) < size:
+        notes += (UPSCALED,)
+    return to_square(img, size), "", notes
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -349,14 +384,13 @@ def _shrink_rows(array_path: Path, n_rows: int, size: int) -> None:
 
 def _copy_rows(array_path: Path, n_rows: int, size: int) -> None:
     src = np.load(array_path, mmap_mode="r")
-    tmp = array_path.with_suffix(".part.npy")
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, size, size))
-    for start in range(0, n_rows, 1024):  # in blocks: the array may not fit in memory
-        stop = min(start + 1024, n_rows)
-        dst[start:stop] = src[start:stop]
-    dst.flush()
-    del src, dst
-    os.replace(tmp, array_path)
+    with replacing_file(array_path) as tmp:
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, size, size))
+        for start in range(0, n_rows, 1024):  # in blocks: the array may not fit in memory
+            stop = min(start + 1024, n_rows)
+            dst[start:stop] = src[start:stop]
+        dst.flush()
+        del src, dst
 
 
 def _write_meta(directory: Path, fp: str, size: int, kept: list[str], bad: list[BadImage]) -> None:

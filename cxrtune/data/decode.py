@@ -24,10 +24,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
-__all__ = ["ImageDecodeError", "load_gray", "to_square", "DICOM_SUFFIXES"]
+__all__ = ["ImageDecodeError", "load_gray", "load_gray_noted", "to_square", "DICOM_SUFFIXES", "ALPHA_DROPPED"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DICOM_MAGIC_OFFSET = 128  # "DICM" follows a 128-byte preamble in a Part 10 file
+
+# Note returned by load_gray_noted when a transparency channel was discarded.
+ALPHA_DROPPED = "alpha dropped"
+# Pillow modes with an alpha channel.
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 # Pillow modes holding more than 8 bits per sample: scaled by their own range.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
@@ -52,10 +57,16 @@ def load_gray(path: Path | str) -> np.ndarray:
     is dropped. Raises :class:`ImageDecodeError` (a DataError) for any file
     that cannot be decoded.
     """
+    return load_gray_noted(path)[0]
+
+
+def load_gray_noted(path: Path | str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """:func:`load_gray`, plus notes on what the decode silently discarded
+    (``ALPHA_DROPPED``), so a cache build can tell the user once with a count."""
     path = Path(path)
     _check_file(path)
     if _is_dicom(path):
-        return _load_dicom(path)
+        return _load_dicom(path), ()
     return _load_raster(path)
 
 
@@ -124,14 +135,15 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- raster
 
 
-def _load_raster(path: Path) -> np.ndarray:
+def _load_raster(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     try:
         with Image.open(path) as im:
             if im.format in ("JPEG", "MPO") and im.mode == "RGB":
                 im.draft("L", im.size)  # decode luma only, at full scale
             im.load()  # raises on truncated data
             ImageOps.exif_transpose(im, in_place=True)
-            return _pil_to_gray(im)
+            alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+            return _pil_to_gray(im), (ALPHA_DROPPED,) if alpha else ()
     except MemoryError:
         raise
     except ImageDecodeError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Fine labels an adapter may emit. Label schemes (labels.py) map them to task classes.
@@ -31,12 +31,14 @@ class Record:
     patient_id: the patient the image belongs to, when the source says (else None:
         each image is then its own group when splitting).
     split: the source's official split ("train", "val" or "test"), or None.
+    origin: where the adapter read it (e.g. "manifest.csv line 7"), for messages only.
     """
 
     path: Path
     label: str
     patient_id: str | None = None
     split: str | None = None
+    origin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.label not in FINE_LABELS:

@@ -2,6 +2,8 @@
 
 source adapter -> manifest -> label scheme -> image cache -> patient-grouped split.
 The driver of a search calls ``prepare_data`` once; trials only read what it built.
+``check_source`` (from ``source_check.py``) is the cheap version for `cxrtune
+validate`: it reads the source's listing but decodes nothing.
 """
 
 from __future__ import annotations
@@ -9,17 +11,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..config import DataConfig
 from .cache import BadImage, ImageCache, build_cache
+from .duplicates import DEFAULT_MIN_SIMILARITY, duplicate_groups, signature
 from .labels import SCHEMES, LabelScheme, Labelled, apply_scheme
 from .manifest import Record
+from .source_check import check_source
 from .sources import load_records
-from .splits import make_split, save_split, split_id
+from .splits import log_missing_patient_ids, make_split, patient_groups, save_split, split_id
 from .synthetic import ensure_synthetic
+
+__all__ = ["PreparedData", "check_source", "label_records", "prepare_data", "record_groups",
+           "source_records"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +58,18 @@ class PreparedData:
         return self.cache.skipped
 
 
-def source_records(cfg: DataConfig) -> list[Record]:
-    """The manifest of the configured source; the synthetic default is generated on first use
-    and then read through the CoronaHack adapter, exactly like the real dataset."""
+def source_root(cfg: DataConfig) -> tuple[str, Path]:
+    """(adapter name, root) of the configured source; the synthetic default is generated on
+    first use and then read through the CoronaHack adapter, exactly like the real dataset."""
     root = cfg.resolved_root()
     if cfg.source == "synthetic":
-        return load_records("coronahack", ensure_synthetic(root, n=cfg.synthetic_n, seed=0))
-    return load_records(cfg.source, root)
+        return "coronahack", ensure_synthetic(root, n=cfg.synthetic_n, seed=0)
+    return cfg.source, root
+
+
+def source_records(cfg: DataConfig) -> list[Record]:
+    """The manifest of the configured source (see :func:`source_root`)."""
+    return load_records(*source_root(cfg))
 
 
 def label_records(cfg: DataConfig, records: list[Record]) -> tuple[LabelScheme, Labelled]:
@@ -67,10 +80,31 @@ def label_records(cfg: DataConfig, records: list[Record]) -> tuple[LabelScheme, 
     return scheme, labelled
 
 
-def _without_skipped(labelled: Labelled, cache: ImageCache) -> Labelled:
+def without_skipped(labelled: Labelled, cache: ImageCache) -> Labelled:
     kept = set(cache.paths)
     pairs = [(r, t) for r, t in zip(labelled.records, labelled.targets) if str(r.path) in kept]
-    return Labelled(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), labelled.dropped)
+    return Labelled(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), labelled.dropped,
+                    labelled.problems)
+
+
+def record_groups(records: Sequence[Record], images: np.ndarray, rows: Sequence[int],
+                  min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[str]:
+    """The split grouping key of each record (see ``splits.patient_groups``).
+
+    Images without a patient id (CoronaHack's COVID-19 figures, folder sources, CSVs
+    without patient_id) are merged by case numbers in their file names and by
+    near-duplicate clusters. Signatures need decoded pixels, so they are taken from
+    the cache (``images[rows[i]]`` is record i), and only for the images without an
+    id: the cost is one 32 px DCT per such image.
+    """
+    no_id = [i for i, r in enumerate(records) if not r.patient_id]
+    clusters: list[list[int]] = []
+    if len(no_id) > 1:
+        sig = np.stack([signature(np.asarray(images[rows[i]])) for i in no_id])
+        clusters = [[no_id[j] for j in g] for g in duplicate_groups(sig, min_similarity)]
+    groups = patient_groups(records, clusters)
+    log_missing_patient_ids(records, groups)
+    return groups
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
@@ -81,9 +115,10 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     cache = build_cache([r.path for r in labelled.records], cfg.image_size,
                         cfg.resolved_cache_dir(), on_bad_image=cfg.on_bad_image,
                         workers=cfg.workers, progress=progress)
-    labelled = _without_skipped(labelled, cache)
-    split = make_split(labelled, cfg, scheme.classes)
+    labelled = without_skipped(labelled, cache)
     index = cache.index()
+    groups = record_groups(labelled.records, cache.images, [index[str(r.path)] for r in labelled.records])
+    split = make_split(labelled, cfg, scheme.classes, groups)
     split = split.assign(row=[index[p] for p in split["path"]])
     path = cfg.resolved_cache_dir().parent / "splits" / f"{cfg.source}-{cfg.task}-{split_id(split, cfg)}.csv"
     save_split(split, path)

@@ -1,4 +1,5 @@
-"""Class-imbalance samplers, chosen by name: shuffle, oversample, undersample."""
+"""Class-imbalance samplers, chosen by name: shuffle, oversample, undersample (the names
+are declared in ``sampler_names.py``, which configs import without torch)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
 
-from ..registry import Registry
+from .sampler_names import SAMPLERS
 
 SamplerFactory = Callable[[np.ndarray, torch.Generator], Optional[Sampler]]
-SAMPLERS: Registry[SamplerFactory] = Registry("sampler")
 
 
 def _inverse_frequency(targets: np.ndarray) -> np.ndarray:

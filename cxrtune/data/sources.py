@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,7 +32,7 @@ from .manifest import FINE_LABELS, OFFICIAL_SPLITS, Record
 logger = logging.getLogger(__name__)
 
 __all__ = ["CORONAHACK_COLUMNS", "CORONAHACK_CSV", "CORONAHACK_IMAGES", "IMAGE_EXTENSIONS", "LABEL_ALIASES",
-           "SOURCES", "load_records"]
+           "SOURCES", "SourceAudit", "load_records", "read_source"]
 
 Adapter = Callable[[Path], list[Record]]
 
@@ -109,27 +111,98 @@ def _source(name: str, layout: str) -> Callable[[Adapter], Adapter]:
     return register
 
 
-def load_records(source: str, root: str | Path) -> list[Record]:
-    """Read the dataset at ``root`` with the adapter called ``source``.
+@dataclass(frozen=True)
+class SourceAudit:
+    """What an adapter found: the records (each file once, the first row kept), the
+    exact repeats left out, and the files listed twice in contradiction."""
 
-    Raises DataError when the root does not exist or holds no images, and
-    ConfigError (listing the valid names) when ``source`` is unknown.
-    """
-    root = Path(root).expanduser()
+    records: list[Record]
+    repeated: list[str]  # "path (line 3 = line 9)": same file, label, patient and split
+    conflicts: list[str]  # same file under two labels, patients or official splits
+
+
+_FIX_ROOT = "set --root (or data.root) to the folder the dataset archive unpacked to"
+
+
+def _check_root(source: str, root: Path) -> None:
     if not root.exists():
         raise DataError(
-            f"dataset root {str(root)!r} does not exist; fix: download and unpack the "
-            f"dataset there, or point the root at the folder it unpacked to"
+            f"dataset root {str(root)!r} for source {source!r} does not exist; fix: download and "
+            f"unpack the dataset there, or {_FIX_ROOT}"
         )
+
+
+def _no_images(source: str, root: Path) -> DataError:
+    return DataError(
+        f"no images found for source {source!r} under {str(root.resolve())!r}; "
+        f"expected layout: {_LAYOUTS.get(source, 'see the adapter docs')}; fix: {_FIX_ROOT}, "
+        f"or pick the --source (data.source) of that layout"
+    )
+
+
+def read_source(source: str, root: str | Path) -> SourceAudit:
+    """Read the dataset at ``root`` with the adapter called ``source``, without failing on
+    files listed twice (for `data inspect`, which reports them).
+
+    Raises DataError when the root does not exist or holds no images, and
+    ConfigError (listing the valid names) when ``source`` is unknown. Decodes nothing.
+    """
+    root = Path(root).expanduser()
+    _check_root(source, root)
     adapter = SOURCES.get(source)
     records = adapter(root)
     if not records:
+        raise _no_images(source, root)
+    return _same_file_audit(records)
+
+
+def load_records(source: str, root: str | Path) -> list[Record]:
+    """:func:`read_source`, refusing contradictions.
+
+    A file listed under two labels, patient ids or official splits would put one
+    image in two classes or two splits: DataError naming the rows. Exact repeats
+    (same file, label, patient, split) are harmless: the first is kept, with a warning.
+    """
+    audit = read_source(source, root)
+    if audit.conflicts:
         raise DataError(
-            f"no images found for source {source!r} under {str(root.resolve())!r}; "
-            f"expected layout: {_LAYOUTS.get(source, 'see the adapter docs')}"
+            f"{len(audit.conflicts)} image file(s) of source {source!r} are listed more than once "
+            f"with different labels, patient ids or splits, so one image would be in two classes "
+            f"or two splits: {_examples(audit.conflicts, 3)}; fix: keep one row per image in the "
+            f"manifest (delete the wrong rows), or remove the extra copy or link of the file"
         )
-    _log_summary(source, root, records)
-    return records
+    if audit.repeated:
+        logger.warning(
+            "%s: %d exact duplicate row(s) (same file, label, patient and split) left out, the "
+            "first row kept: %s", source, len(audit.repeated), _examples(audit.repeated, 3))
+    _log_summary(source, Path(root).expanduser(), audit.records)
+    return audit.records
+
+
+def _where(r: Record) -> str:
+    return r.origin or str(r.path)
+
+
+def _describe(r: Record) -> str:
+    return f"{_where(r)}: label {r.label}, patient {r.patient_id or '-'}, split {r.split or '-'}"
+
+
+def _same_file_audit(records: list[Record]) -> SourceAudit:
+    """Find files reached more than once (by two rows, or by two paths to one file)."""
+    first: dict[str, Record] = {}
+    kept, repeated, conflicts = [], [], []
+    for r in records:
+        # realpath: a symlink or "./a.png" next to "a.png" is the same image.
+        key = os.path.normcase(os.path.realpath(r.path))
+        seen = first.get(key)
+        if seen is None:
+            first[key] = r
+            kept.append(r)
+        elif (seen.label, seen.patient_id, seen.split) == (r.label, r.patient_id, r.split):
+            repeated.append(f"{r.path} ({_where(seen)} = {_where(r)})")
+        else:
+            conflicts.append(f"{key} ({_describe(seen)} vs {_describe(r)})")
+    return SourceAudit(kept, repeated, conflicts)
 
 
 def _log_summary(source: str, root: Path, records: list[Record]) -> None:
@@ -252,7 +325,7 @@ def _require_files(records: list[Record], manifest: Path) -> None:
         raise DataError(
             f"{len(missing)} of {len(records)} image(s) listed in {str(manifest)!r} are missing, "
             f"e.g. {_examples(missing)}; fix: re-download and unpack the dataset completely, "
-            f"or point the root at the folder that holds these files"
+            f"or set --root (or data.root) to the folder that holds these files"
         )
 
 
@@ -301,7 +374,7 @@ def coronahack(root: Path) -> list[Record]:
     if csv_dir is None:
         raise DataError(
             f"metadata file {CORONAHACK_CSV} not found in {str(root)!r} or up to {_SEARCH_DEPTH} levels "
-            f"below it; fix: point the root at the folder the Kaggle CoronaHack archive unpacks to"
+            f"below it; fix: set --root (or data.root) to the folder the Kaggle CoronaHack archive unpacks to"
         )
     csv_path = csv_dir / CORONAHACK_CSV
     df = _read_csv(csv_path)
@@ -313,16 +386,23 @@ def coronahack(root: Path) -> list[Record]:
 
     image_dir = _coronahack_image_dir(csv_dir)
     folders = _child_dirs(image_dir)
+    rows = list(df[list(CORONAHACK_COLUMNS)].itertuples(index=False))
+    split_dirs = [folders.get(_key(split), image_dir / _key(split)) for _, _, split, _, _ in rows]
+    names = [name for name, *_ in rows]
+    paths = [_csv_image_path(name, folder) for name, folder in zip(names, split_dirs)]
+    # Same guard as CSV manifests: a name like "../../etc/x.jpeg" must not read outside.
+    _check_inside(paths, names, split_dirs, csv_path, "its split folder")
     records = [
         Record(
-            path=folders.get(_key(split), image_dir / _key(split)) / name.strip(),
+            path=path,
             label=_coronahack_label(label, l2, l1),
             # CoronaHack's pneumonia/normal images are Kermany's, file names included, so
             # the same patient ids apply (COVID-19 case figures match no pattern: None).
             patient_id=_parse_kermany_name(Path(name.strip()).stem)[0],
             split=_CH_SPLIT[_key(split)],
+            origin=f"{csv_path.name} line {_line(i)}",
         )
-        for name, label, split, l2, l1 in df[list(CORONAHACK_COLUMNS)].itertuples(index=False)
+        for i, (path, (name, label, split, l2, l1)) in enumerate(zip(paths, rows))
     ]
     _require_files(records, csv_path)
     return records
@@ -502,7 +582,7 @@ def _csv_manifest_path(root: Path) -> Path:
     path = root / _CSV_DEFAULT_NAME if root.is_dir() else root
     if not path.is_file():
         raise DataError(
-            f"CSV manifest {str(path)!r} not found; fix: point the root at the CSV file, or at a "
+            f"CSV manifest {str(path)!r} not found; fix: set --root (or data.root) to the CSV file, or to a "
             f"folder holding {_CSV_DEFAULT_NAME} (columns: path, label[, patient_id, split])"
         )
     return path
@@ -523,6 +603,18 @@ def _check_inside_root(paths: list[Path], raw: list[str], base: Path, csv_path: 
         raise DataError(
             f"{len(bad)} path(s) in {str(csv_path)!r} are empty or outside the dataset root "
             f"{str(base)!r}: {_examples(bad)}; fix: give paths relative to the CSV's folder, inside it"
+        )
+
+
+def _check_inside(paths: list[Path], raw: list[str], bases: list[Path], csv_path: Path, within: str) -> None:
+    """Reject rows whose name is empty, absolute or climbs out of its folder (``bases[i]``)."""
+    bad = [f"line {_line(i)}: {raw[i]!r}" for i, (p, b) in enumerate(zip(paths, bases))
+           if not raw[i].strip() or not p.is_relative_to(b.resolve())]
+    if bad:
+        raise DataError(
+            f"{len(bad)} image name(s) in {str(csv_path)!r} are empty or lead outside {within}: "
+            f"{_examples(bad)}; fix: give plain file names (no '..', no absolute paths) as the "
+            f"original archive has them"
         )
 
 
@@ -562,8 +654,9 @@ def csv_manifest(root: Path) -> list[Record]:
             label=LABEL_ALIASES[_normalise_name(label)],
             patient_id=pid.strip() or None,
             split=_SPLIT_ALIASES[_normalise_name(split)] if split.strip() else None,
+            origin=f"{csv_path.name} line {_line(i)}",
         )
-        for path, label, pid, split in zip(paths, df["label"], df["patient_id"], df["split"])
+        for i, (path, label, pid, split) in enumerate(zip(paths, df["label"], df["patient_id"], df["split"]))
     ]
     _require_files(records, csv_path)
     return records

@@ -46,6 +46,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..atomic import replacing_file
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .sources import CORONAHACK_COLUMNS as METADATA_COLUMNS
@@ -530,13 +531,11 @@ def _write_coronahack(writer: _Writer, patients: list[_Patient], images: list[_I
         rows.append((f"{stem}{ext}", label, split.upper(), l2, l1))
         tally.append((split, im.label))
     rows.sort(key=lambda r: r[2] != "TRAIN")  # TRAIN rows first, like the real file
-    tmp = writer.out / f".{CORONAHACK_CSV}.partial"
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with replacing_file(writer.out / CORONAHACK_CSV) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CORONAHACK_COLUMNS)
         for i, row in enumerate(rows):
             w.writerow((i, *row))
-    os.replace(tmp, writer.out / CORONAHACK_CSV)
     return {**_tally(tally), "n_patients": n_ids}
 
 
@@ -614,7 +613,8 @@ def write_synthetic(
     if found and not overwrite:
         raise DataError(
             f"synthetic data: {out} already contains a dataset ({', '.join(found)}); "
-            "choose an empty folder or pass overwrite=True to replace it"
+            "choose an empty folder, or replace it: pass --overwrite to `cxrtune data synth` "
+            "(overwrite=True from Python)"
         )
     for name in found:
         path = out / name

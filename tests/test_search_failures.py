@@ -1,0 +1,95 @@
+"""Searches that cannot run fail in seconds with a clear message and leave no MLflow run
+RUNNING; a search whose every trial fails names the real cause; without --address a
+search never joins a Ray cluster someone else started on the machine. Real local Ray,
+real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from servers import free_port
+
+TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
+        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2", "search.num_samples=2",
+        "fixed.loop.epochs=2"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def search(tmp_path: Path, space: str, *sets: str, args: tuple[str, ...] = (), timeout: float = 300):
+    cmd = [sys.executable, "-m", "cxrtune.cli", "search", space, "--json", *args,
+           *sum((["--set", s] for s in [*TINY, f"storage.path={tmp_path / 'ray'}",
+                                         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", *sets]), [])]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def runs(tmp_path: Path) -> list:
+    if not (tmp_path / "m.db").exists():
+        return []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+
+
+@pytest.mark.parametrize("case, sets, args, words", [
+    ("a GPU on a machine without one", ["resources.gpu=1"], (), ["needs 1 CPU + 1 GPU", "resources.gpu: 0"]),
+    ("unreachable --address", [], ("--address", f"127.0.0.1:{free_port()}"), ["no Ray cluster answers",
+                                                                           "--address"]),
+    ("unwritable storage", ["storage.path=/proc/cxrtune"], (), ["storage.path='/proc/cxrtune'", "cannot write"]),
+])
+def test_a_search_that_can_never_run_fails_in_seconds_with_no_run_left_running(tmp_path, case, sets, args, words):
+    proc, took = search(tmp_path, "demo", *sets, args=args, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error:") and all(w in message for w in words), message
+    assert "Traceback" not in proc.stderr
+    assert took < 60, f"{case}: took {took:.0f} s"
+    assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
+
+
+def test_when_every_trial_fails_the_message_names_the_first_trials_own_error(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: bad\ndata: {source: synthetic}\nfixed: {model: {backbone: convnet5}, "
+                    "optimizer: {name: sgd, momentum: 0.0}}\n"
+                    "space:\n  optimizer.lr: {choice: [1.0e+30, 1.0e+31]}\nsearch: {algorithm: grid}\n")
+    proc, _ = search(tmp_path, str(grid))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "all 2 trials of 'bad' failed" in message and "TrainingDiverged: loss became nan" in message, message
+    assert "RayTaskError" not in message
+    (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+    # Divergence is not retried: each trial trained one epoch once, its retries failed at once.
+    for trial in (tmp_path / "ray" / "bad").glob("run_trial_*"):
+        lines = (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
+        assert len(lines) == 0, trial
+
+
+def test_without_an_address_a_search_starts_its_own_ray_and_never_joins_another(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert other.returncode == 0, other.stderr[-2000:]
+    try:
+        probe = ("import logging, ray; from cxrtune.search import init_ray; init_ray(None); "
+                 "print(ray.get_runtime_context().gcs_address)")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not out.stdout.strip().endswith(f":{port}"), out.stdout
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)

@@ -1,0 +1,92 @@
+"""A real (tiny) search logging to a REAL `mlflow server` that dies mid-search and comes
+back on the same port and store: every trial ends up logged once, in one parent run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from cxrtune.space import load_spec
+from servers import MlflowServer
+
+TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
+        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("CXRTUNE_MLFLOW_WAIT_S", "120")  # the end waits for the restarted server
+    monkeypatch.chdir(tmp_path)
+
+
+def _kill_then_restart(server: MlflowServer, experiment: str, done: list) -> None:
+    """Stop the server once the first trial has logged an epoch, then start it again."""
+    client = MlflowClient(server.uri)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id], "tags.`cxrtune.role` = 'trial'") if exp else []
+            if any(r.data.metrics for r in runs):
+                break
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        time.sleep(0.2)
+    server.stop()
+    done.append("stopped")
+    time.sleep(2)  # a few more trial events while it is down
+    server.start()
+    done.append("started")
+
+
+def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, caplog):
+    import logging
+
+    import ray
+    from ray.tune import ExperimentAnalysis
+
+    from cxrtune.search import run_search
+
+    caplog.set_level(logging.INFO, logger="cxrtune.tracking")
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        spec = load_spec("demo", [*TINY, f"storage.path={tmp_path / 'ray'}", f"tracking.uri={server.uri}",
+                                  "search.num_samples=2", "search.max_concurrent=1", "fixed.loop.epochs=3",
+                                  "search.scheduler.name=fifo", "tracking.register_model=null"])
+        events: list = []
+        chaos = threading.Thread(target=_kill_then_restart, args=(server, "cxrtune-demo", events), daemon=True)
+        chaos.start()
+        summary = run_search(spec)
+        chaos.join(timeout=120)
+        assert events == ["stopped", "started"]
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("is not answering" in m for m in messages)  # the outage happened mid-search
+        assert any("answers again" in m for m in messages)
+        assert summary["n_trials"] == 2 and summary["mlflow_skipped_calls"] == 0
+
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("cxrtune-demo")
+        runs = client.search_runs([exp.experiment_id], max_results=100)
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_parent_run"]
+        assert "test/accuracy" in parent.data.metrics
+        assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+        assert sorted(k.data.tags["cxrtune.trial_id"] for k in kids) == sorted(
+            t.trial_id for t in ExperimentAnalysis(summary["experiment_dir"]).trials)
+        for k in kids:  # every epoch Tune saw, logged once
+            epochs = [m.step for m in client.get_metric_history(k.info.run_id, "val/f1_macro")]
+            assert sorted(epochs) == [1, 2, 3], k.data.tags["cxrtune.trial_id"]
+            assert k.info.status == "FINISHED" and k.data.tags["cxrtune.status"] == "completed"
+        # the model is the search's, and the Default experiment (made by the store) is empty
+        (model,) = client.search_logged_models([exp.experiment_id])
+        assert model.source_run_id == parent.info.run_id
+        assert client.search_logged_models(["0"]) == [] and client.search_runs(["0"]) == []
+    finally:
+        ray.shutdown()
+        server.stop()
