@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 # Loggers whose INFO lines (and a few warnings) say nothing a user can act on: a line
 # per checkpoint, "a new study created", model-registry chatter, pickle advice for the
@@ -30,9 +31,15 @@ def configure(verbose: bool) -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence the chatter of QUIET_LOGGERS (also called in each trial's process)."""
+    """Silence the chatter of QUIET_LOGGERS (called again once a search has imported
+    Optuna, and in each trial's process)."""
     if os.environ.get("CXRTUNE_VERBOSE") == "1":
         return
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    # MLflow and Optuna set their loggers' levels themselves when first used; MLflow
+    # reads its level from the environment, Optuna's is set once it is imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(QUIET_LOGGERS["mlflow"]))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "optuna" in sys.modules:
+        sys.modules["optuna"].logging.set_verbosity(QUIET_LOGGERS["optuna"])

@@ -561,6 +561,7 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool 
     Everything that can be checked is checked before the MLflow parent run is created
     (storage, cluster, resources); from then on every failure (Ctrl-C included) ends the
     parent run as FAILED or KILLED, never leaving it RUNNING."""
+    quiet_libraries()
     spec = with_run_name(spec, resume)
     state_path = _state_path(spec)
     state = _load_state(state_path) if resume else {}
@@ -585,7 +586,7 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool 
             MlflowCallback.attach_restored(tuner, tracker)
         results = tuner.fit()
         summary = _finish(spec, data, results, tracker, parent)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SearchInterrupted):
         tracker.end_parent(parent, status="KILLED")
         raise
     except BaseException:
@@ -698,12 +699,11 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
                       spec.max_epochs)
     unfinished = _unfinished(spec)
     if unfinished:
-        tracker.end_parent(parent, status="KILLED")
         raise SearchInterrupted(f"search {spec.name!r} was interrupted with {len(unfinished)} trial(s) "
-                                f"unfinished; continue it with: cxrtune search {spec.file} --resume")
+                                f"unfinished; continue it with: cxrtune search {spec.file} --resume "
+                                "(and the same --set values)")
     ranked = [r for r in rows if r["best"] is not None]
     if not ranked:
-        tracker.end_parent(parent, status="FAILED")
         first = next((r for r in sorted(rows, key=lambda x: _creation_order(x["trial_id"])) if r["error"]), None)
         raise SearchFailed(f"all {len(rows)} trials of {spec.name!r} failed; the first "
                            f"({first['trial_id'] if first else '-'}) with {first['error'] if first else '-'}")

@@ -93,3 +93,28 @@ def test_without_an_address_a_search_starts_its_own_ray_and_never_joins_another(
         assert not out.stdout.strip().endswith(f":{port}"), out.stdout
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+
+
+def test_ctrl_c_ends_the_parent_run_killed_and_says_how_to_resume(tmp_path):
+    import signal
+
+    cmd = [sys.executable, "-m", "cxrtune.cli", "search", "demo",
+           *sum((["--set", s] for s in [*TINY, "search.num_samples=4", "fixed.loop.epochs=6",
+                                         "search.scheduler.name=fifo", f"storage.path={tmp_path / 'ray'}",
+                                         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]), [])]
+    with open(tmp_path / "out.log", "wb") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "ray" / "demo").glob("run_trial_*/result.json")):
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert driver.wait(timeout=180) == 1, (tmp_path / "out.log").read_text()[-3000:]
+    log = (tmp_path / "out.log").read_text()
+    assert "was interrupted" in log and "--resume" in log
+    # noise a user cannot act on stays out of the output (--verbose brings it back)
+    for noise in ("Checkpoint successfully created", "Result logdir", "A new study created",
+                  "Creating initial MLflow database tables"):
+        assert noise not in log, noise
+    (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
