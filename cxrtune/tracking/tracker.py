@@ -11,6 +11,7 @@ URI set explicitly, to log and register the best model.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -595,7 +596,8 @@ class Tracker:
     def _register(self, model_uri: str, name: str, run_id: str) -> str:
         import mlflow
 
-        with self._fluent():
+        # register_model prints its own two lines; the log line below says the same
+        with self._fluent(), contextlib.redirect_stderr(io.StringIO()):
             mv = mlflow.register_model(model_uri, name, await_registration_for=60)
         self.registered = f"{name}/{mv.version}"
         self._client.set_tag(run_id, REGISTERED_TAG, self.registered)
