@@ -55,7 +55,7 @@ class DataConfig:
     resplit_test: bool = False  # ignore the official test split and draw a new one
     folds: int = 0  # k-fold CV over train+val (0 = a single train/val split)
     fold: int = 0  # which fold is validation when folds > 0
-    min_class_count: int = 3  # fine labels with fewer images are dropped (and reported)
+    min_class_count: int = 3  # a task class with fewer images (after mapping) is an error naming the fix
     on_bad_image: str = "error"  # error | skip
     cache_dir: str | None = None  # default: <CXRTUNE_HOME>/cache
     synthetic_n: int = 600  # images generated when source=synthetic
