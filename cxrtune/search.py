@@ -418,6 +418,33 @@ def check_storage_writable(spec: SearchSpec) -> None:
                           "choose a folder you can write (--set storage.path=...)") from None
 
 
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_storage_shared(spec: SearchSpec) -> None:
+    """On a cluster, a local ``storage.path`` must be a folder every node mounts: trials
+    write their checkpoints there and restart from them on other nodes. A file written
+    here must be visible from every node that can run a trial, or the search fails now."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = spec.storage.resolved()
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if "://" in path or all(n["NodeID"] == here for n in nodes):
+        return  # a URI, or trials only run where the driver runs
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".cxrtune-shared-test-") as probe:
+        sees = ray.remote(num_cpus=0)(_sees)
+        found = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                         .remote(probe.name) for n in nodes], timeout=60)
+    blind = sorted({n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok})
+    if blind:
+        raise ConfigError(f"storage.path={spec.storage.path!r} is not shared: nodes {', '.join(blind)} cannot "
+                          f"see {path}; use a folder every node mounts (NFS, EFS) or an s3:// URI "
+                          "(--set storage.path=s3://BUCKET/ray_results)")
+
+
 def _versions() -> dict[str, str]:
     """Installed versions, read from package metadata (nothing is imported for it). MLflow
     may be installed as mlflow-skinny alone (no "mlflow" distribution)."""
@@ -574,6 +601,7 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool 
     check_inputs(spec)
     init_ray(address)
     check_trial_fits(spec)
+    check_storage_shared(spec)
     data = prepare_data(spec.data)
     tracker, parent = _start_tracking(spec, data, state)
     state = {"parent_run_id": parent, "space_file": spec.file, "name": spec.name, "space": _space_record(spec)}

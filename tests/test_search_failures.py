@@ -118,3 +118,32 @@ def test_ctrl_c_ends_the_parent_run_killed_and_says_how_to_resume(tmp_path):
         assert noise not in log, noise
     (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
+
+
+def test_a_storage_folder_a_worker_node_cannot_see_is_refused_before_any_trial(tmp_path, monkeypatch):
+    """The worker node runs in its own mount namespace with an empty tmpfs over the
+    storage folder: like a worker machine where that path is a local disk, not a share."""
+    storage = tmp_path / "ray"
+    storage.mkdir()
+    port = free_port()
+    # a throw-away cluster on loopback: the head, the namespaced worker and the driver
+    # would otherwise each need the head's auth token handed over
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"]
+    try:
+        head = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=0",
+                               "--include-dashboard=false"], capture_output=True, text=True, timeout=120, env=env)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {storage} && "
+                                 + " ".join(start)], capture_output=True, text=True, timeout=120, env=env)
+        if worker.returncode != 0 and "unshare" in worker.stderr:
+            pytest.skip(f"no mount namespaces here: {worker.stderr.strip()[-200:]}")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        proc, took = search(tmp_path, "demo", args=("--address", f"127.0.0.1:{port}"), timeout=180)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        message = proc.stderr.strip().splitlines()[-1]
+        assert "is not shared" in message and str(storage) in message and "s3://" in message, message
+        assert not list(storage.glob("demo*")), "no trial may have started"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
