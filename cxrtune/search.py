@@ -359,6 +359,7 @@ def init_ray(address: Optional[str]) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return
+    _ray_output_to_stderr()
     if address:
         _probe(address)
         try:
@@ -370,6 +371,26 @@ def init_ray(address: Optional[str]) -> None:
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
         log.info("started a local Ray: %s", _describe_cluster())
+
+
+def _ray_output_to_stderr() -> None:
+    """Ray prints what trial workers write on stdout, and its cluster notices (e.g. "Raylet
+    is terminated" when a node dies), on the driver's stdout; the driver's stdout is for
+    the result (--json), so they go to stderr. Ray has no option for it: the function it
+    prints them with is wrapped, before ``ray.init`` (a Ray without it is left alone)."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "cxrtune_stderr", False):
+        return
+
+    def to_stderr(data: dict, *args: Any, **kwargs: Any) -> None:
+        original({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.cxrtune_stderr = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_stderr
 
 
 def _autoscaled_fit(need: dict[str, float]) -> bool:

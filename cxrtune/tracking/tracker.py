@@ -34,7 +34,8 @@ from .writer import REFUSED, Op, Ref, Writer, failure_kind
 WAIT_ENV, DEFAULT_FINAL_WAIT_S = "CXRTUNE_MLFLOW_WAIT_S", 15.0
 
 _RUN_INACTIVE = re.compile(r"run \S+ must be in the 'active' state", re.I)
-_ENV_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_ENV_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
 
 RunLike = Union[None, str, Ref]
 
@@ -70,10 +71,12 @@ class Tracker:
         self._spool: Optional[Path] = None
         # Fail fast for the tracker's lifetime (read by mlflow.utils.rest_utils at each
         # request): the tracker retries and queues itself, MLflow's own retries with
-        # backoff would stall the search for minutes.
+        # backoff would stall the search for minutes. Ending a run on a tracking server
+        # prints its URL on stdout, which is for the search's result (--json): not printed.
         self._env_before = {k: os.environ.get(k) for k in _ENV_KEYS}
         self._env_set = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s)),
+                         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
         os.environ.update(self._env_set)
         self._start()
 
