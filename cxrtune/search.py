@@ -40,7 +40,7 @@ from .selection import best_index, rank_key
 from .space import SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
 # what became of a trial: the words the MLflow child runs carry too
 from .tracking import (COMPLETED, FAILED, NOT_STARTED, STOPPED_EARLY, Tracker, TrialLogger, TrialRecord,
-                       ended_as, error_text)
+                       ended_as, error_text, flatten)
 from .train import train
 
 # The classic CLIReporter progress table (trial, status, epoch, metric); must be set
@@ -307,11 +307,8 @@ class MlflowCallback(Callback):
         return len(found)
 
     @staticmethod
-    def trial_records(experiment: str) -> list[TrialRecord]:
-        """What Tune knows of every trial of ``experiment`` (for ``Tracker.reconcile``)."""
-        from ray.tune import ExperimentAnalysis
-
-        analysis = ExperimentAnalysis(experiment)
+    def trial_records(analysis) -> list[TrialRecord]:
+        """What Tune knows of every trial (an ``ExperimentAnalysis``), for ``Tracker.reconcile``."""
         frames = analysis.trial_dataframes
         records = []
         for t in analysis.trials:
@@ -584,23 +581,13 @@ def _check_same_space(spec: SearchSpec, state: dict[str, Any]) -> None:
     before = state.get("space")
     if before is None:
         return
-    old, new = flatten_dict(before), flatten_dict(_space_record(spec))
+    old, new = flatten(before), flatten(_space_record(spec))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
         raise ConfigError(f"--resume: {spec.file} (with its --set values) differs from the space search "
                           f"{spec.name!r} was started with ({diffs}); resume with the original file and "
                           "--set values, or run without --resume to start a new search")
-
-
-def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten_dict(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
@@ -700,21 +687,6 @@ def _trial_rows(spec: SearchSpec, results) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda x: rank_key(x["best"], spec.mode))
 
 
-def _trial_ids(spec: SearchSpec) -> list[str]:
-    """Every trial of the search, errored ones (which reported nothing) included."""
-    from ray.tune import ExperimentAnalysis
-
-    return [t.trial_id for t in ExperimentAnalysis(experiment_dir(spec)).trials]
-
-
-def _unfinished(spec: SearchSpec) -> list[str]:
-    """Trials neither finished nor failed: the search was interrupted (Ctrl-C)."""
-    from ray.tune import ExperimentAnalysis
-
-    return [t.trial_id for t in ExperimentAnalysis(experiment_dir(spec)).trials
-            if t.status not in ("TERMINATED", "ERROR")]
-
-
 def _best_checkpoint(row: dict[str, Any], spec: SearchSpec):
     """The checkpoint of the trial's best epoch (the earliest of equal ones)."""
     result = row["result"]
@@ -741,12 +713,15 @@ def _disk_used(*paths: str) -> int:
 
 
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
+    from ray.tune import ExperimentAnalysis
+
     rows = _trial_rows(spec, results)
-    tracker.drop_orphan_children(_trial_ids(spec))
+    analysis = ExperimentAnalysis(experiment_dir(spec))  # every trial, errored ones included
+    tracker.drop_orphan_children([t.trial_id for t in analysis.trials])
     # Runs of trials not logged during an MLflow outage, or left RUNNING by a killed driver.
-    tracker.reconcile(MlflowCallback.trial_records(experiment_dir(spec)), spec.metric, spec.mode,
-                      spec.max_epochs)
-    unfinished = _unfinished(spec)
+    tracker.reconcile(MlflowCallback.trial_records(analysis), spec.metric, spec.mode, spec.max_epochs)
+    # neither finished nor failed: the search was interrupted (Ctrl-C)
+    unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:
         raise SearchInterrupted(f"search {spec.name!r} was interrupted with {len(unfinished)} trial(s) "
                                 f"unfinished; continue it with: cxrtune search {spec.file} --resume "

@@ -1,4 +1,5 @@
-"""Real services for the tests: an `mlflow server` process and free ports."""
+"""Real services for the tests: an `mlflow server` process and free ports; the set-up the
+search tests share (a tiny demo space, an isolated working folder)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,15 @@ def _healthy(uri: str) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+# A tiny version of the demo space: 32 px, a few batches per epoch.
+TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
+        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+
+
+def isolate(tmp_path: Path, monkeypatch) -> None:
+    """A search test's own working folder, data home and no MLflow telemetry."""
+    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)

@@ -17,21 +17,17 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from servers import MlflowServer, kill_group
+from servers import TINY, MlflowServer, isolate, kill_group
 
 EPOCHS = 6
-# 32 px images, 4 batches per epoch: an epoch takes about half a second here. The node is
+# An epoch takes about half a second here (TINY). The node is
 # killed as soon as a trial's result file shows an epoch with two or more still to go,
-# so the kill lands early in the next epoch, mid-trial.
-TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
-        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+# so the kill lands early in the next epoch, mid-trial (TINY: 32 px, 4 batches per epoch).
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.chdir(tmp_path)
+    isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture

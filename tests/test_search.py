@@ -17,20 +17,13 @@ from typer.testing import CliRunner
 
 from cxrtune.cli import app
 from cxrtune.space import bundled_spaces, load_spec
-from servers import free_port, kill_group, mlflow_server
+from servers import TINY, free_port, isolate, kill_group, mlflow_server
 
 runner = CliRunner()
 
-# A tiny version of the demo space: 32 px, a few batches per epoch.
-TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
-        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
-
-
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.chdir(tmp_path)
+    isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -14,19 +14,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from servers import free_port
+from servers import TINY as TINY_DEMO, free_port, isolate
 
-TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
-        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2", "search.num_samples=2",
-        "fixed.loop.epochs=2"]
+TINY = [*TINY_DEMO, "search.num_samples=2", "fixed.loop.epochs=2"]
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    isolate(tmp_path, monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.chdir(tmp_path)
 
 
 def search(tmp_path: Path, space: str, *sets: str, args: tuple[str, ...] = (), timeout: float = 300):

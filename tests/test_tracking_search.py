@@ -10,18 +10,13 @@ import pytest
 from mlflow import MlflowClient
 
 from cxrtune.space import load_spec
-from servers import MlflowServer
-
-TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
-        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+from servers import TINY, MlflowServer, isolate
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    isolate(tmp_path, monkeypatch)
     monkeypatch.setenv("CXRTUNE_MLFLOW_WAIT_S", "120")  # the end waits for the restarted server
-    monkeypatch.chdir(tmp_path)
 
 
 def _kill_then_restart(server: MlflowServer, experiment: str, done: list) -> None:
