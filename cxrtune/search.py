@@ -9,12 +9,12 @@ every epoch and resumes from ``tune.get_checkpoint()``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -107,16 +107,83 @@ def searched_metric(metric: str) -> str:
     return f"best/{metric}"
 
 
+class StorageNotShared(RuntimeError):
+    """The trial's node does not see the search's storage folder (a node that joined after
+    the start-up check): a retry may land on a node that does."""
+
+
 # Errors a retry can fix: the trial's process, node or GPU share was the problem, not
 # the trial. Everything else (a diverged trial, a bad weights file, a bug) would fail
 # again the same way, so it is not retried.
-RETRYABLE = (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError)
+RETRYABLE = (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError, StorageNotShared)
 
 
-def _failure_marker() -> Path:
-    from ray import tune
+class TrialFolder:
+    """The trial's folder in the search's storage (a local or shared path, or s3://...),
+    through Tune's own filesystem for it: every node and every later attempt of the
+    trial sees it. (``tune.get_context().get_trial_dir()`` is a staging folder on the
+    driver's machine, not what a trial on another node, or after a resume, finds.)"""
 
-    return Path(tune.get_context().get_trial_dir()) / FAILED_FILE
+    def __init__(self) -> None:
+        from ray import tune
+
+        storage = tune.get_context().get_storage()
+        self.fs, self.path = storage.storage_filesystem, storage.trial_fs_path
+        self.local = type(self.fs).__name__ == "LocalFileSystem"
+
+    def _exists(self, path: str) -> bool:
+        from pyarrow.fs import FileType
+
+        return self.fs.get_file_info(path).type != FileType.NotFound
+
+    def failure(self) -> Optional[str]:
+        """What an earlier attempt of this trial failed with, if it could not be retried."""
+        marker = f"{self.path}/{FAILED_FILE}"
+        if not self._exists(marker):
+            return None
+        with self.fs.open_input_stream(marker) as f:
+            return f.read().decode()
+
+    def mark_failed(self, text: str) -> None:
+        self.fs.create_dir(self.path)
+        with self.fs.open_output_stream(f"{self.path}/{FAILED_FILE}") as f:
+            f.write(text.encode())
+
+    def recorded_checkpoint(self):
+        """The checkpoint of the trial's last RECORDED result (Tune's result.json in the
+        storage), as a ``tune.Checkpoint``. After the driver is killed, Tune's last
+        snapshot may predate it (continuing from the snapshot would train recorded epochs
+        twice), and newer checkpoint folders may exist whose results never reached the
+        driver (continuing from those would leave epochs out of the record)."""
+        from ray import tune
+
+        results = f"{self.path}/result.json"
+        if not self._exists(results):
+            return None
+        with self.fs.open_input_stream(results) as f:
+            lines = f.read().decode().splitlines()
+        for line in reversed(lines):
+            try:
+                name = json.loads(line).get("checkpoint_dir_name")
+            except ValueError:  # a line cut short by the kill
+                continue
+            if name and self._exists(f"{self.path}/{name}/{CHECKPOINT_FILE}"):
+                return tune.Checkpoint(f"{self.path}/{name}", filesystem=self.fs)
+        return None
+
+    def check_visible(self, spec: SearchSpec) -> None:
+        """check_storage_shared vetted the nodes there were at the start; a node that joins
+        later and lacks the mount would write this trial's checkpoints to its own disk,
+        where no restart elsewhere finds them. The driver's state file beside the trial
+        folders is what a node that mounts the folder sees."""
+        import ray
+
+        experiment = Path(self.path).parent
+        if self.local and not (experiment / STATE_FILE).exists():
+            raise StorageNotShared(
+                f"storage.path={spec.storage.path!r}: node {ray.util.get_node_ip_address()} cannot see {experiment} "
+                "(it joined after the search started and does not mount that folder); mount it there at the "
+                "same path, or use an s3:// storage.path")
 
 
 def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> None:
@@ -125,11 +192,13 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
     from ray import tune
 
     quiet_libraries()  # this is the trial's process: a line per checkpoint is noise
-    marker = _failure_marker()
-    if marker.exists():
+    folder = TrialFolder()
+    folder.check_visible(spec)
+    failed = folder.failure()
+    if failed is not None:
         # Tune retries every failure (FailureConfig is for dead workers and nodes); a
         # deterministic one fails again at once instead of training again.
-        raise TrialFailed(marker.read_text())
+        raise TrialFailed(failed)
     cfg = spec.trial_config(point_of(config))
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, epochs=spec.max_epochs))
     data = shared.prepared()
@@ -145,13 +214,13 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
                     checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with tempfile.TemporaryDirectory(prefix="cxrtune-trial-") as work:
-        resume = _restore_checkpoint(Path(work))
+        resume = _restore_checkpoint(folder, Path(work))
         try:
             fit(cfg, data, report, workdir=Path(work) / "run", resume=resume)
         except RETRYABLE:
             raise
         except Exception as exc:
-            marker.write_text(f"{type(exc).__name__}: {exc}")
+            folder.mark_failed(f"{type(exc).__name__}: {exc}")
             raise
 
 
@@ -159,34 +228,19 @@ class TrialFailed(RuntimeError):
     """A trial's earlier attempt failed in a way a retry cannot fix (its text is kept)."""
 
 
-def _latest_saved_checkpoint() -> Optional[Path]:
-    """The newest checkpoint the trial wrote to its folder. After the driver is killed,
-    Tune's last experiment snapshot may predate the trial's newest checkpoints (or any):
-    the folder is the truth, so a trial running at the kill goes on from its last epoch."""
-    from ray import tune
-
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    saved = sorted(trial_dir.glob("checkpoint_*/" + CHECKPOINT_FILE))
-    return saved[-1].parent if saved else None
-
-
-def _restore_checkpoint(work: Path) -> Optional[Path]:
+def _restore_checkpoint(folder: TrialFolder, work: Path) -> Optional[Path]:
     """Copy the trial's last checkpoint (after a worker/node failure or a resumed search)
     to local disk; None for a fresh trial."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
-    saved = _latest_saved_checkpoint()
-    target = work / "restored"
-    if saved is not None and (checkpoint is None or saved.name > Path(checkpoint.path).name):
-        log.info("continuing from %s", saved)
-        shutil.copytree(saved, target)
-        return target
+    recorded = folder.recorded_checkpoint()
+    if recorded is not None and (checkpoint is None or Path(recorded.path).name > Path(checkpoint.path).name):
+        log.info("continuing from %s", recorded.path)
+        checkpoint = recorded
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, target)
-    return target
+    return Path(checkpoint.to_directory(str(work / "restored")))
 
 
 # ------------------------------------------------------------------ Tune objects
@@ -364,6 +418,10 @@ def init_ray(address: Optional[str]) -> None:
         except ConnectionError as exc:
             raise ConfigError(f"--address {address}: cannot join the Ray cluster ({exc}); start one with "
                               "`ray up cluster.yaml` or `ray start --head`, or leave --address out") from None
+        except RuntimeError as exc:  # Ray refuses a driver whose Ray or Python differs from the cluster's
+            raise ConfigError(f"--address {address}: cannot join the Ray cluster: {' '.join(str(exc).split())}; "
+                              "run the search with the cluster's own environment (on the head: the venv its "
+                              "setup_commands made), or name the right cluster as --address HOST:6379") from None
         log.info("joined the Ray cluster at %s: %s", address, _describe_cluster())
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
@@ -540,6 +598,36 @@ def _build_tuner(spec: SearchSpec, shared: SharedData, callbacks: list, resume: 
                       run_config=_run_config(spec, spec.storage.resolved(), callbacks))
 
 
+class _RestoreFailed(logging.Handler):
+    """Tune logs a run state it cannot restore (an unreadable state file, a lock it may not
+    take) and then starts the search afresh: a new state that hides the finished trials,
+    whose MLflow runs would then look orphaned and be deleted. Raising from that log call
+    is the one hook there is: fit() stops there, before any trial starts or file changes."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(logging.ERROR)
+        self.where = where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Failed to restore the run state"):
+            cause = record.exc_info[1] if record.exc_info else None
+            raise SearchFailed(f"cannot resume the search at {self.where}: Tune could not restore its state "
+                               f"({type(cause).__name__}: {cause}); nothing was changed: fix that and run the "
+                               "same command with --resume again")
+
+
+@contextlib.contextmanager
+def _stop_if_restore_fails(where: str, enabled: bool):
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    handler = _RestoreFailed(where)
+    if enabled:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def _searches_named(spec: SearchSpec) -> list[str]:
     """Names of the searches of this space already in storage: name, name-2, name-3, ..."""
     from ray import tune
@@ -620,7 +708,8 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool 
         tuner = _build_tuner(spec, SharedData.of(data), callbacks, resume)
         if resume:  # Tuner.restore brought back its own (pickled) callbacks, without a tracker
             MlflowCallback.attach_restored(tuner, tracker)
-        results = tuner.fit()
+        with _stop_if_restore_fails(experiment_dir(spec), enabled=resume):
+            results = tuner.fit()
         summary = _finish(spec, data, results, tracker, parent)
     except (KeyboardInterrupt, SearchInterrupted):
         tracker.end_parent(parent, status="KILLED")

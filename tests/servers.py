@@ -94,3 +94,30 @@ def isolate(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.chdir(tmp_path)
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int = 2, cpus_per_worker: float = 1, fast_health_checks: bool = False):
+    """A REAL multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head
+    node with no CPUs, which runs only drivers (like a real cluster's head), and
+    ``n_workers`` worker nodes of ``cpus_per_worker`` CPUs each. They share the disk, so a
+    tmp folder is a storage.path every node sees. With ``fast_health_checks`` the GCS
+    checks node health every second, so a killed node is declared dead in about 3 s (Ray's
+    defaults take 15-30 s). Yields the cluster, with ``head_id`` (the head's node id) and
+    ``worker_ids`` (the worker nodes' ids) set; it is shut down on exit. The caller does not
+    join it: pass ``cluster.address`` to the driver (``ray.init``, ``--address``)."""
+    from ray.cluster_utils import Cluster
+
+    head_args: dict = {"num_cpus": 0, "include_dashboard": False}
+    if fast_health_checks:
+        head_args["_system_config"] = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
+                                       "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    try:
+        workers = [cluster.add_node(num_cpus=cpus_per_worker) for _ in range(n_workers)]
+        cluster.wait_for_nodes()
+        cluster.head_id = cluster.head_node.node_id
+        cluster.worker_ids = {w.node_id for w in workers}
+        yield cluster
+    finally:
+        cluster.shutdown()

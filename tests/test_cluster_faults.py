@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from servers import TINY, MlflowServer, isolate, kill_group
+from servers import TINY, MlflowServer, isolate, kill_group, local_cluster
 
 EPOCHS = 6
 # An epoch takes about half a second here (TINY). The node is
@@ -33,22 +33,10 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def cluster():
     """A head node with no CPUs (it runs the driver only) and three 1-CPU worker nodes,
-    all on this machine (so they share the disk: storage.path is a shared folder). The
-    GCS checks node health every second, so a killed node is declared dead in about 3 s
-    (Ray's defaults take 15-30 s)."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
-                           "health_check_failure_threshold": 3}})
-    try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
+    all on this machine (so they share the disk: storage.path is a shared folder); a
+    killed node is declared dead in about 3 s."""
+    with local_cluster(n_workers=3, cpus_per_worker=1, fast_health_checks=True) as c:
+        yield c
 
 
 def _results(trial_dir: Path) -> list[dict]:

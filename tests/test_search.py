@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cxrtune.cli import app
 from cxrtune.space import bundled_spaces, load_spec
-from servers import TINY, free_port, isolate, kill_group, mlflow_server
+from servers import TINY, free_port, isolate, kill_group, local_cluster, mlflow_server
 
 runner = CliRunner()
 
@@ -29,19 +29,15 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def ray_cluster():
     """A head node that only runs the driver (no CPUs for trials, like a real cluster's
-    head) and two one-CPU worker nodes, all on this machine."""
+    head) and two one-CPU worker nodes, all on this machine; this process joins it."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    cluster.head_id = cluster.head_node.node_id
-    cluster.worker_ids = {w.node_id for w in workers}
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(n_workers=2, cpus_per_worker=1) as cluster:
+        ray.init(address=cluster.address)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
 
 
 GRID_SPACE = """
@@ -126,30 +122,96 @@ def _trial_states(exp: Path) -> dict[str, str]:
     return states
 
 
+EPOCHS = 4  # of each trial of the killed search
+
+
 def _result_lines(exp: Path) -> dict[str, int]:
     return {d.name: len((d / "result.json").read_text().splitlines())
             for d in exp.iterdir() if (d / "result.json").exists()}
 
 
-def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_path):
-    args = ["search", "demo", *sum((["--set", s] for s in TINY), []), "--set", "search.num_samples=4",
-            "--set", "fixed.loop.epochs=3", "--set", "search.scheduler.name=fifo",
+def _checkpointed_unfinished(exp: Path, states: dict[str, str]) -> list[str]:
+    """Trials Tune's snapshot has not finished that have checkpointed an epoch (their
+    folder, named after the trial id, holds a checkpoint_*)."""
+    return [t for t, s in states.items() if s != "TERMINATED"
+            and any(any(d.glob("checkpoint_*")) for d in exp.glob(f"run_trial_{t}_*"))]
+
+
+def _mid_search(exp: Path) -> bool:
+    """Tune's snapshot holds a finished trial, and another trial is mid-way."""
+    states = _trial_states(exp)
+    return "TERMINATED" in states.values() and bool(_checkpointed_unfinished(exp, states))
+
+
+@pytest.fixture
+def cluster():
+    """A 0-CPU head and two 1-CPU worker nodes (``servers.local_cluster``) that outlive
+    the drivers run against it; this process owns the cluster but does not join it."""
+    with local_cluster(n_workers=2, cpus_per_worker=1) as c:
+        yield c
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_released(cluster, driver_pid: int, timeout_s: float = 60) -> dict:
+    """Wait until the cluster has let go of a killed driver's search: its job is dead,
+    Ray has killed its actors (the trials) and their worker processes, and every worker
+    CPU is free again. Read from the GCS through the cluster's own state accessor (no
+    ``ray.init`` here). Returns what was seen."""
+    state = cluster.global_state
+    deadline, t0 = time.monotonic() + timeout_s, time.monotonic()
+    while True:
+        jobs = {j["JobID"]: j for j in state.job_table() if j["DriverPid"] == driver_pid}
+        actors = [a for a in state.actor_table(None).values() if a["JobID"] in jobs]
+        live = [a for a in actors if a["State"] != "DEAD" or _alive(a["Pid"])]
+        total, free = state.cluster_resources().get("CPU", 0), state.available_resources().get("CPU", 0)
+        if jobs and all(j["IsDead"] for j in jobs.values()) and actors and not live and free == total:
+            return {"after_s": round(time.monotonic() - t0, 1), "actors": len(actors), "free_cpus": free}
+        assert time.monotonic() < deadline, (
+            f"the cluster still holds the killed driver's search after {timeout_s} s: jobs {list(jobs.values())}, "
+            f"live actors {[(a['ActorClassName'], a['State'], a['Pid']) for a in live]}, CPU {free}/{total} free")
+        time.sleep(0.2)
+
+
+def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_path, cluster):
+    # Both drivers join the same persistent multi-node cluster (--address), as on a real
+    # cluster whose head outlives a driver killed mid-search.
+    args = ["search", "demo", "--address", cluster.address, *sum((["--set", s] for s in TINY), []),
+            "--set", "search.num_samples=4", "--set", f"fixed.loop.epochs={EPOCHS}",
+            "--set", "search.scheduler.name=fifo",
             "--set", f"storage.path={tmp_path / 'ray'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
     exe = [sys.executable, "-m", "cxrtune.cli"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # Tune snapshots the search (trial states, results) to storage every 10 s by default;
+    # the whole tiny search takes less on two nodes: every second, the kill lands mid-search.
+    env = {**os.environ, "RAY_ADDRESS": "", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     exp = tmp_path / "ray" / "demo"
     with open(tmp_path / "first.log", "wb") as log:
         driver = subprocess.Popen([*exe, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
         deadline = time.monotonic() + 240
-        while "TERMINATED" not in _trial_states(exp).values():
+        while not _mid_search(exp):
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1)
+            time.sleep(0.05)
+        # ... but not while Tune is still copying that snapshot to storage: a kill then
+        # leaves a mix of two snapshots (seen: an extra trial created on resume).
+        time.sleep(0.3)
         kill_group(driver)  # SIGKILL: no cleanup of any kind
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
-    finished_before = {t for t, s in _trial_states(exp).items() if s == "TERMINATED"}
+    # The cluster lives on. Ray notices the driver is gone, ends its job and kills its
+    # actors (the trials it was running, at most one epoch further); only then resume.
+    released = _wait_released(cluster, driver.pid)
+    states = _trial_states(exp)
+    finished_before = {t for t, s in states.items() if s == "TERMINATED"}
     lines_before = _result_lines(exp)
+    assert finished_before and _checkpointed_unfinished(exp, states), states  # killed mid-search, mid-trial
+    at_kill = {d.name[:18]: (states.get(d.name.split("_")[2]), lines_before.get(d.name, 0),
+                             len(list(d.glob("checkpoint_*")))) for d in exp.glob("run_trial_*")}
+    print(f"killed with (status, results, checkpoints) {at_kill}; released by the cluster: {released}")
 
     resumed = subprocess.run([*exe, *args, "--resume", "--json"], capture_output=True, text=True, env=env,
                              timeout=400)
@@ -164,10 +226,22 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_p
     parents, kids = children(client, "cxrtune-demo")
     assert len(parents) == 1 and len(kids) == 4
     assert len({k.data.tags["cxrtune.trial_id"] for k in kids}) == 4  # no duplicate child runs
-    # A trial running at the kill went on from its last checkpoint: no epoch was trained twice.
-    for trial_dir in exp.glob("run_trial_*"):
-        epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
-        assert epochs == list(range(1, len(epochs) + 1)), (trial_dir.name, epochs)
+    # A trial running at the kill went on from its last checkpoint: no epoch was trained twice
+    # (or lost: every trial of the search has all its epochs, each once). A trial created
+    # after Tune's last snapshot leaves a folder of its own that is no trial's any more (the
+    # resumed search runs that point again as a new trial).
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(exp)).trials
+    assert len(trials) == 4
+    nodes = set()
+    for trial in trials:
+        results = [json.loads(line) for line in (Path(trial.path) / "result.json").read_text().splitlines()]
+        epochs = [r["epoch"] for r in results]
+        assert epochs == list(range(1, EPOCHS + 1)), (Path(trial.path).name, epochs)
+        nodes |= {r["node_id"] for r in results}
+    # Trials ran on the worker nodes (two at once: both of them), never on the 0-CPU head.
+    assert len(nodes) >= 2 and nodes <= cluster.worker_ids and cluster.head_id not in nodes, nodes
 
     # Resuming a finished search changes nothing: same summary, the model is not registered again.
     again = subprocess.run([*exe, *args, "--resume", "--json"], capture_output=True, text=True, env=env,

@@ -5,6 +5,7 @@ real sqlite MLflow store."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +26,27 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
+def _command(tmp_path: Path, space: str, sets, args) -> list[str]:
+    return [sys.executable, "-m", "cxrtune.cli", "search", space, "--json", *args,
+            *sum((["--set", s] for s in [*TINY, f"storage.path={tmp_path / 'ray'}",
+                                          f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", *sets]), [])]
+
+
 def search(tmp_path: Path, space: str, *sets: str, args: tuple[str, ...] = (), timeout: float = 300):
-    cmd = [sys.executable, "-m", "cxrtune.cli", "search", space, "--json", *args,
-           *sum((["--set", s] for s in [*TINY, f"storage.path={tmp_path / 'ray'}",
-                                         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", *sets]), [])]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(_command(tmp_path, space, sets, args), capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - start
+
+
+def search_started(tmp_path: Path, space: str, *sets: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A search running in the background, returned once its first trial has started."""
+    proc = subprocess.Popen(_command(tmp_path, space, sets, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "ray").glob(f"{space}/*/result.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    return proc
 
 
 def runs(tmp_path: Path) -> list:
@@ -118,7 +133,9 @@ def test_ctrl_c_ends_the_parent_run_killed_and_says_how_to_resume(tmp_path):
 
 def test_a_storage_folder_a_worker_node_cannot_see_is_refused_before_any_trial(tmp_path, monkeypatch):
     """The worker node runs in its own mount namespace with an empty tmpfs over the
-    storage folder: like a worker machine where that path is a local disk, not a share."""
+    storage folder: like a worker machine where that path is a local disk, not a share.
+    Joining mid-search, its trial fails with the reason (its checkpoints would be lost);
+    present at the start, the search is refused before any trial."""
     storage = tmp_path / "ray"
     storage.mkdir()
     port = free_port()
@@ -127,19 +144,55 @@ def test_a_storage_folder_a_worker_node_cannot_see_is_refused_before_any_trial(t
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"]
+    address = ("--address", f"127.0.0.1:{port}")
     try:
         head = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=0",
                                "--include-dashboard=false"], capture_output=True, text=True, timeout=120, env=env)
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {storage} && "
-                                 + " ".join(start)], capture_output=True, text=True, timeout=120, env=env)
-        if worker.returncode != 0 and "unshare" in worker.stderr:
-            pytest.skip(f"no mount namespaces here: {worker.stderr.strip()[-200:]}")
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        proc, took = search(tmp_path, "demo", args=("--address", f"127.0.0.1:{port}"), timeout=180)
+        sharing = subprocess.run(start, capture_output=True, text=True, timeout=120, env=env)
+        assert sharing.returncode == 0, sharing.stderr[-2000:]
+        # The first trial keeps the sharing worker busy (some 40 s); the second waits for a
+        # CPU, gets the blind worker's when it joins and fails there on every attempt (each
+        # is a new trial process: ~6 s to start here) before the first trial ends.
+        late = search_started(tmp_path, "demo", "fixed.loop.epochs=150", "search.scheduler.name=fifo",
+                              "search.max_concurrent=2", args=address)
+        blind = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {storage} && "
+                                + " ".join(start)], capture_output=True, text=True, timeout=120, env=env)
+        if blind.returncode != 0 and "unshare" in blind.stderr:
+            pytest.skip(f"no mount namespaces here: {blind.stderr.strip()[-200:]}")
+        assert blind.returncode == 0, blind.stderr[-2000:]
+        out, err = late.communicate(timeout=300)
+        assert late.returncode == 0, err[-3000:]
+        trials = {t["status"]: t for t in json.loads(out)["trials"]}
+        assert set(trials) == {"completed", "failed"}, trials
+        error = trials["failed"]["error"]
+        assert "StorageNotShared" in error and "cannot see" in error and "s3://" in error, error
+
+        proc, took = search(tmp_path, "demo", args=address, timeout=180)
         assert proc.returncode == 2, proc.stderr[-3000:]
         message = proc.stderr.strip().splitlines()[-1]
         assert "is not shared" in message and str(storage) in message and "s3://" in message, message
-        assert not list(storage.glob("demo*")), "no trial may have started"
+        assert len(list(storage.glob("demo*"))) == 1, "the second search may not start any trial"
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+
+
+def test_a_resume_tune_cannot_restore_stops_before_changing_anything(tmp_path):
+    """Tune logs a state it cannot read and starts the search afresh, which would hide the
+    finished trials and have their MLflow runs deleted as orphans: cxrtune stops instead."""
+    first, _ = search(tmp_path, "demo")
+    assert first.returncode == 0, first.stderr[-3000:]
+    experiment = tmp_path / "ray" / "demo"
+    state = experiment / "cxrtune_search.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "summary"}))
+    (tune_state,) = experiment.glob("experiment_state-*.json")
+    tune_state.write_text("{ not json")  # e.g. a disk that filled up mid-write
+    before = sorted(p.name for p in experiment.iterdir())
+    kids = [r.info.run_id for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
+
+    resumed, _ = search(tmp_path, "demo", args=("--resume",))
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    message = resumed.stderr.strip().splitlines()[-1]
+    assert "cannot resume the search" in message and "JSONDecodeError" in message and "--resume" in message, message
+    assert sorted(p.name for p in experiment.iterdir()) == before  # no new trial, no new state
+    assert sorted(r.info.run_id for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags) == sorted(kids)

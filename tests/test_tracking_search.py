@@ -1,5 +1,7 @@
-"""A real (tiny) search logging to a REAL `mlflow server` that dies mid-search and comes
-back on the same port and store: every trial ends up logged once, in one parent run."""
+"""A real (tiny) search on a REAL multi-node Ray cluster on this machine (a 0-CPU head that
+runs only the driver, two 1-CPU worker nodes running trials at once), logging to a REAL
+`mlflow server` that dies mid-search and comes back on the same port and store: every
+trial ends up logged once, in one parent run."""
 
 from __future__ import annotations
 
@@ -10,13 +12,21 @@ import pytest
 from mlflow import MlflowClient
 
 from cxrtune.space import load_spec
-from servers import TINY, MlflowServer, isolate
+from servers import TINY, MlflowServer, isolate, local_cluster
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     isolate(tmp_path, monkeypatch)
     monkeypatch.setenv("CXRTUNE_MLFLOW_WAIT_S", "120")  # the end waits for the restarted server
+
+
+@pytest.fixture
+def cluster():
+    """A 0-CPU head (the driver: this test process joins it in run_search) and two 1-CPU
+    worker nodes, so two trials run at once, one per node."""
+    with local_cluster(n_workers=2, cpus_per_worker=1) as c:
+        yield c
 
 
 def _kill_then_restart(server: MlflowServer, experiment: str, done: list) -> None:
@@ -39,7 +49,7 @@ def _kill_then_restart(server: MlflowServer, experiment: str, done: list) -> Non
     done.append("started")
 
 
-def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, caplog):
+def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, caplog, cluster):
     import logging
 
     import ray
@@ -51,18 +61,25 @@ def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, c
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         spec = load_spec("demo", [*TINY, f"storage.path={tmp_path / 'ray'}", f"tracking.uri={server.uri}",
-                                  "search.num_samples=2", "search.max_concurrent=1", "fixed.loop.epochs=3",
+                                  "search.num_samples=2", "search.max_concurrent=2", "fixed.loop.epochs=3",
                                   "search.scheduler.name=fifo", "tracking.register_model=null"])
         events: list = []
         chaos = threading.Thread(target=_kill_then_restart, args=(server, "cxrtune-demo", events), daemon=True)
         chaos.start()
-        summary = run_search(spec)
+        summary = run_search(spec, address=cluster.address)
         chaos.join(timeout=120)
         assert events == ["stopped", "started"]
         messages = [r.getMessage() for r in caplog.records]
         assert any("is not answering" in m for m in messages)  # the outage happened mid-search
         assert any("answers again" in m for m in messages)
         assert summary["n_trials"] == 2 and summary["mlflow_skipped_calls"] == 0
+
+        # The trials ran at once on the two worker nodes (one 1-CPU node each), never on the
+        # head. Their results carry the Ray node id (Tune's own node_ip is 127.0.0.1 for
+        # every node on one machine).
+        analysis = ExperimentAnalysis(summary["experiment_dir"])
+        nodes = {n for df in analysis.trial_dataframes.values() for n in df["node_id"]}
+        assert len(nodes) >= 2 and nodes <= cluster.worker_ids and cluster.head_id not in nodes, nodes
 
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name("cxrtune-demo")
@@ -73,7 +90,7 @@ def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, c
         assert "test/accuracy" in parent.data.metrics
         assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
         assert sorted(k.data.tags["cxrtune.trial_id"] for k in kids) == sorted(
-            t.trial_id for t in ExperimentAnalysis(summary["experiment_dir"]).trials)
+            t.trial_id for t in analysis.trials)
         for k in kids:  # every epoch Tune saw, logged once
             epochs = [m.step for m in client.get_metric_history(k.info.run_id, "val/f1_macro")]
             assert sorted(epochs) == [1, 2, 3], k.data.tags["cxrtune.trial_id"]
