@@ -27,7 +27,9 @@ from .atomic import replacing_dir
 from .config import TrialConfig, from_dict, to_dict
 from .data.augment import eval_transform, train_transform
 from .data.cxrnorm import normalized
+from .data.augment_batch import BatchAugment
 from .data.dataset import CachedImages, channel_stats
+from .data.device_batches import IndexBatches, batch_normalizer, normalize_placed, place_images
 from .data.pipeline import PreparedData
 from .data.samplers import SAMPLERS
 from .errors import ConfigError
@@ -154,40 +156,85 @@ class Setup:
     input_stats: tuple[float, float]
 
 
-def _loaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray,
-             generator: torch.Generator) -> tuple[DataLoader, DataLoader, tuple[float, float]]:
+def _train_sampler(cfg: TrialConfig, train_y: np.ndarray, generator: torch.Generator) -> EpochSampler:
+    inner = SAMPLERS.get(cfg.sampler)(train_y, generator) or RandomSampler(range(len(train_y)), generator=generator)
+    return EpochSampler(inner, generator, cfg.loop.seed)
+
+
+def _dataloaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray, generator: torch.Generator,
+                 stats: tuple[float, float]) -> tuple[DataLoader, DataLoader]:
+    """Per-image tensors and augmentation on the CPU, in DataLoader workers."""
+    mean, std = stats
     train_rows, train_y = data.rows("train"), data.targets("train")
-    mean, std = channel_stats(images, train_rows)
-    size = data.cache.size
-    train = CachedImages(images, train_rows, train_y, train_transform(cfg.augment, size, mean, std))
+    train = CachedImages(images, train_rows, train_y, train_transform(cfg.augment, data.cache.size, mean, std))
     val = CachedImages(images, data.rows("val"), data.targets("val"), eval_transform(mean, std))
     loop = cfg.loop
-    inner = SAMPLERS.get(cfg.sampler)(train_y, generator) or RandomSampler(train, generator=generator)
-    sampler = EpochSampler(inner, generator, loop.seed)
     # The loaders' own generators only seed worker processes (overridden per item by
     # SeededItems); without them DataLoader draws from the global RNG, and a resumed
     # run (fresh persistent workers) would draw once more than a straight one.
     # A last batch of one image breaks BatchNorm; dropping it costs < 1 batch per epoch.
-    train_loader = DataLoader(SeededItems(train, loop.seed), batch_size=loop.batch_size, sampler=sampler,
+    train_loader = DataLoader(SeededItems(train, loop.seed), batch_size=loop.batch_size,
+                              sampler=_train_sampler(cfg, train_y, generator),
                               generator=torch.Generator().manual_seed(loop.seed),
                               num_workers=loop.num_workers, drop_last=len(train) > loop.batch_size,
                               persistent_workers=loop.num_workers > 0)
     val_loader = DataLoader(val, batch_size=loop.eval_batch_size, num_workers=loop.num_workers,
                             generator=torch.Generator().manual_seed(loop.seed))
-    return train_loader, val_loader, (mean, std)
+    return train_loader, val_loader
 
 
-def _memo_dir(data: PreparedData) -> Path:
-    """CXR-Norm results are memoised next to the cache they were computed from."""
-    return data.cache.directory.parent / "cxrnorm"
+def _device_images(cfg: TrialConfig, data: PreparedData, device: torch.device) -> torch.Tensor:
+    """The trial's images placed for ``device`` once. On CUDA the raw cache goes there and
+    CXR-Norm runs on it in a second or two (no per-trial copy on disk); elsewhere the
+    memoised OpenCV result is placed."""
+    if device.type != "cuda":
+        return place_images(_normalized(data, cfg), device)
+    return normalize_placed(place_images(data.cache.images, device, cfg.loop.gpu_share), cfg.preprocess, device)
+
+
+def _device_batches(cfg: TrialConfig, data: PreparedData, generator: torch.Generator,
+                    device: torch.device) -> tuple[IndexBatches, IndexBatches, tuple[float, float]]:
+    """The images placed on the device once; batches gathered by index, augmented as a whole."""
+    placed = _device_images(cfg, data, device)
+    train_rows, train_y = data.rows("train"), data.targets("train")
+    mean, std = stats = channel_stats(placed, train_rows)
+    loop = cfg.loop
+    train = IndexBatches(placed, train_rows, train_y, loop.batch_size,
+                         BatchAugment(cfg.augment, data.cache.size, mean, std), device,
+                         sampler=_train_sampler(cfg, train_y, generator),
+                         batch_seed=lambda epoch, batch: derived_seed(loop.seed, epoch, batch),
+                         drop_last=len(train_rows) > loop.batch_size)
+    val = IndexBatches(placed, data.rows("val"), data.targets("val"), loop.eval_batch_size,
+                       batch_normalizer(mean, std), device)
+    return train, val, stats
+
+
+def _uses_device_batches(cfg: TrialConfig, device: torch.device) -> bool:
+    pipeline = cfg.loop.input_pipeline
+    return pipeline == "device" or (pipeline == "auto" and device.type == "cuda")
+
+
+def _loaders(cfg: TrialConfig, data: PreparedData, generator: torch.Generator, device: torch.device):
+    """Training and validation batches by ``loop.input_pipeline``, and the input statistics."""
+    if _uses_device_batches(cfg, device):
+        return _device_batches(cfg, data, generator, device)
+    images = _normalized(data, cfg)
+    stats = channel_stats(images, data.rows("train"))
+    return (*_dataloaders(cfg, data, images, generator, stats), stats)
+
+
+def _normalized(data: PreparedData, cfg: TrialConfig) -> np.ndarray:
+    """The cache under the trial's CXR-Norm, memoised next to the cache it was computed
+    from, within the data's memo budget."""
+    return normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess,
+                      data.cache.directory.parent / "cxrnorm", budget_bytes=int(data.cfg.memo_budget_gb * 1e9))
 
 
 def build_setup(cfg: TrialConfig, data: PreparedData, device: torch.device) -> Setup:
     """Model, loss, optimizer, schedule and loaders for ``cfg`` on ``device``."""
     seed_everything(cfg.loop.seed, cfg.loop.deterministic)
-    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, _memo_dir(data))
     generator = torch.Generator().manual_seed(cfg.loop.seed)
-    train_loader, val_loader, stats = _loaders(cfg, data, images, generator)
+    train_loader, val_loader, stats = _loaders(cfg, data, generator, device)
     if cfg.model.weights != "none" and data.cache.size < input_size(cfg.model.backbone):
         # Pretrained features were learnt at their native scale.
         log.warning("%s weights were trained at %d px; data.image_size is %d", cfg.model.backbone,
@@ -372,7 +419,7 @@ def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test
     model.load_state_dict(state["model"])
     model.to(device)
     mean, std = state["input_stats"]
-    images = normalized(data.cache.images, data.cache.fingerprint, cfg.preprocess, _memo_dir(data))
+    images = _normalized(data, cfg)
     ds = CachedImages(images, data.rows(split), data.targets(split), eval_transform(mean, std))
     loader = DataLoader(ds, batch_size=cfg.loop.eval_batch_size)
     full = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, max_eval_batches=0))
@@ -437,6 +484,7 @@ RESUME_MAY_DIFFER = frozenset({
     "loop.num_workers",  # sampling and augmentation are seeded per image, not per worker
     "loop.eval_batch_size",  # evaluation only
     "loop.device",  # where it runs
+    "loop.gpu_share",  # where the images are held, not what is computed
     "loop.select_mode",  # must agree with loop.select_metric, which is compared
     "data.cache_dir", "data.workers",  # where and how fast the image cache is built
 })

@@ -200,7 +200,9 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
         # deterministic one fails again at once instead of training again.
         raise TrialFailed(failed)
     cfg = spec.trial_config(point_of(config))
-    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, epochs=spec.max_epochs))
+    # the trial's GPU share bounds the memory its images may take there
+    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, epochs=spec.max_epochs,
+                                                            gpu_share=min(spec.resources.gpu, 1.0) or 1.0))
     data = shared.prepared()
     node = ray.get_runtime_context().get_node_id()
     patience = cfg.loop.early_stopping_patience

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from cxrtune.data.cxrnorm import (
     apply,
     apply_batch,
     clear_memo_cache,
+    memo_path,
     normalized,
     percentiles,
 )
@@ -309,6 +311,25 @@ def test_memo_file_reused_after_lru_clear(tmp_path, counted):
     assert isinstance(again, np.memmap) and not again.flags.writeable
     np.testing.assert_array_equal(again, first)
     np.testing.assert_array_equal(again, apply_batch(imgs, cfg))
+
+
+def test_memo_files_stay_within_the_budget_least_recently_used_first(tmp_path, counted):
+    imgs = stack(4)
+    one = imgs.nbytes + 128  # a memo file: the array and its .npy header
+    configs = [CXRNormConfig(median_kernel=3, clip_limit=c) for c in (1.0, 2.0, 3.0)]
+    path = {c: memo_path(tmp_path, "fp", c) for c in configs}
+    for c in configs[:2]:
+        normalized(imgs, "fp", c, tmp_path, budget_bytes=3 * one)
+    os.utime(path[configs[0]], (1, 1))  # used long ago...
+    os.utime(path[configs[1]], (2, 2))
+    clear_memo_cache()
+    normalized(imgs, "fp", configs[0], tmp_path, budget_bytes=3 * one)  # ... and now again
+    assert counted["n"] == 8  # a file hit: nothing recomputed
+    normalized(imgs, "fp", configs[2], tmp_path, budget_bytes=2 * one)
+    # two fit: the least recently used one (configs[1]) went, the one just used stayed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(path[c].name for c in (configs[0], configs[2]))
+    normalized(imgs, "fp", configs[1], tmp_path, budget_bytes=0)  # 0: no memo files at all
+    assert list(tmp_path.iterdir()) == [] and counted["n"] == 16
 
 
 @pytest.mark.parametrize("corruption", ["truncate", "garbage", "wrong_shape", "wrong_dtype"])

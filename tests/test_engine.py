@@ -49,6 +49,8 @@ def weights(path):
      "augment": {"preset": "heavy"}},
     {"optimizer": {"name": "adamw", "sam": "asam", "rho": 0.5}, "schedule": {"name": "one_cycle"},
      "loss": {"name": "focal", "gamma": 2.0, "alpha": "balanced"}, "sampler": "undersample"},
+    # the images held on the device, batches gathered by index and augmented as a whole
+    {"loop": {"input_pipeline": "device"}, "sampler": "oversample", "augment": {"preset": "heavy"}},
 ])
 def test_two_epochs_equal_one_plus_resume_plus_one(home, data, tmp_path, sections):
     cfg = small_cfg(home, **sections)
@@ -228,6 +230,19 @@ def test_resume_is_exact_with_dataloader_workers(home, data, tmp_path, sampler):
     for k in a:
         assert torch.equal(a[k], c[k]), k
     assert straight.history[-1]["train/loss"] == resumed.history[-1]["train/loss"]
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "undersample"])
+def test_without_augmentation_the_device_pipeline_trains_what_the_dataloader_trains(home, data, tmp_path, sampler):
+    """Same epoch order, same normalisation: the pipelines differ only in augmentation."""
+    runs = {p: fit(small_cfg(home, loop={"input_pipeline": p}, augment={"preset": "none"}, sampler=sampler), data,
+                   workdir=tmp_path / p) for p in ("dataloader", "device")}
+    a, b = (weights(tmp_path / p / "checkpoint") for p in runs)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert runs["dataloader"].history == [{**h, **{k: v for k, v in runs["dataloader"].history[i].items()
+                                                   if k.startswith("time/")}}
+                                          for i, h in enumerate(runs["device"].history)]
 
 
 def test_augmentation_does_not_depend_on_the_number_of_workers(home, data, tmp_path):

@@ -192,18 +192,56 @@ def _save_memo(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
 
 
+def _touch(path: Path) -> None:
+    """Mark a memo file used now: eviction goes by modification time (access times are
+    not kept on most mounts)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def evict_memos(memo_dir: Path, budget_bytes: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used memo files of ``memo_dir`` until the rest fit in
+    ``budget_bytes`` (``keep``, the one just used, stays). A trial still reading an evicted
+    file keeps its mapping (unlinking does not unmap); a later one recomputes it."""
+    files = []
+    for p in Path(memo_dir).glob("*.npy"):
+        try:
+            st = p.stat()
+        except OSError:  # evicted by another trial meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    evicted = []
+    for _, size, p in sorted(files, key=lambda f: f[0]):
+        if total <= budget_bytes:
+            break
+        if keep is not None and p == keep:
+            continue
+        p.unlink(missing_ok=True)
+        total -= size
+        evicted.append(p)
+    if evicted:
+        log.info("CXR-Norm memo over its budget of %.1f GB: removed %d least recently used file(s) from %s",
+                 budget_bytes / 1e9, len(evicted), memo_dir)
+    return evicted
+
+
 def normalized(
     images: np.ndarray,
     source_key: str,
     cfg: CXRNormConfig,
     memo_dir: Path | None,
     workers: int = 0,
+    budget_bytes: int | None = None,
 ) -> np.ndarray:
     """``apply_batch(images, cfg)``, memoised by ``(source_key, cfg.key())``.
 
     ``source_key`` is the image cache's fingerprint (it names the memo file, so
     it must not contain path separators). The result is read-only; for an
-    identity config (``method="none"``) it is ``images`` itself.
+    identity config (``method="none"``) it is ``images`` itself. With
+    ``budget_bytes``, the memo files of ``memo_dir`` are kept within it (LRU).
     """
     cfg.validate()
     if not source_key or "/" in source_key or os.sep in source_key or source_key in (".", ".."):
@@ -221,14 +259,18 @@ def normalized(
     path = memo_path(memo_dir, source_key, cfg) if memo_dir is not None else None
     if path is not None:
         result = _load_memo(path, images)
+        if result is not None:
+            _touch(path)
     if result is None:
         result = apply_batch(images, cfg, workers=workers)
-        if path is not None:
+        if path is not None and budget_bytes != 0:
             _save_memo(path, result)
             # Keep the page-cache-backed map, not a private copy, in the LRU.
             mapped = _load_memo(path, images)
             if mapped is not None:
                 result = mapped
+    if path is not None and budget_bytes is not None:
+        evict_memos(path.parent, budget_bytes, keep=path)
     if result.flags.writeable:
         result.flags.writeable = False
 

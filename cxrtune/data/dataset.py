@@ -36,13 +36,17 @@ class CachedImages(Dataset):
         return x, int(self.targets[i])
 
 
-def channel_stats(images: np.ndarray, rows: np.ndarray, max_images: int = 2048) -> tuple[float, float]:
+def channel_stats(images: np.ndarray | torch.Tensor, rows: np.ndarray,
+                  max_images: int = 2048) -> tuple[float, float]:
     """Mean and std (in 0..1 units) of the training images, for input normalisation.
 
     A deterministic subsample bounds the cost on large datasets; the statistics of a
-    couple of thousand radiographs are stable to the third decimal."""
+    couple of thousand radiographs are stable to the third decimal. ``images`` may be a
+    tensor on any device (the device input pipeline's)."""
     rows = np.sort(np.asarray(rows))
     if len(rows) > max_images:
         rows = rows[np.linspace(0, len(rows) - 1, max_images).astype(np.int64)]
-    x = np.asarray(images[rows], dtype=np.float64) / 255.0
+    picked = (images.index_select(0, torch.as_tensor(rows, device=images.device)).cpu().numpy()
+              if isinstance(images, torch.Tensor) else images[rows])
+    x = np.asarray(picked, dtype=np.float64) / 255.0
     return float(x.mean()), float(max(x.std(), 1e-6))

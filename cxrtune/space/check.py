@@ -173,7 +173,7 @@ def check_spec(spec: SearchSpec, problems: list[str]) -> None:
     if not r.cpu > 0:
         problems.append(f"resources.cpu={r.cpu}: must be > 0 (e.g. 1)")
     if spec.storage.keep_checkpoints < 1:
-        problems.append(f"storage.keep_checkpoints={spec.storage.keep_checkpoints}: must be >= 1 (e.g. 5)")
+        problems.append(f"storage.keep_checkpoints={spec.storage.keep_checkpoints}: must be >= 1 (1 keeps the best and the latest)")
     if not r.gpu >= 0:
         problems.append(f"resources.gpu={r.gpu}: must be >= 0 (0 = CPU only; 0.25 = four trials share a GPU)")
     elif r.gpu > 1 and not float(r.gpu).is_integer():
