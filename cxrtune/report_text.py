@@ -111,5 +111,8 @@ def render_search(r: dict[str, Any]) -> None:
     console.print(f"MLflow parent run: {r['mlflow_parent_run']}; review every trial: {r['mlflow_ui']}",
                   soft_wrap=True)
     console.print(f"best checkpoint: {r['best_checkpoint']}", soft_wrap=True)
-    console.print(f"Tune results: {r['experiment_dir']} ({_size(disk['results'])}; image cache and "
+    # a summary saved by an older cxrtune (a resumed, finished search) has no checkpoint count
+    kept = (f", of which {r['n_checkpoints']} checkpoints {_size(disk['checkpoints'])}"
+            if "n_checkpoints" in r else "")
+    console.print(f"Tune results: {r['experiment_dir']} ({_size(disk['results'])}{kept}; image cache and "
                   f"CXR-Norm memo {_size(disk['cache'])})", soft_wrap=True)

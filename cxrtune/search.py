@@ -803,6 +803,11 @@ def _disk_used(*paths: str) -> int:
     return total
 
 
+def _checkpoint_dirs(experiment: str) -> list[str]:
+    """The checkpoints the trials kept, in a local or mounted results folder (none counted in a URI's)."""
+    return [] if "://" in experiment else [str(p) for p in Path(experiment).glob("*/checkpoint_*")]
+
+
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
     from ray.tune import ExperimentAnalysis
 
@@ -837,6 +842,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
                          preprocessing, spec.tracking.register_model)
     tracker.end_parent(parent, status="FINISHED")
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, FAILED, NOT_STARTED)}
+    checkpoints = _checkpoint_dirs(experiment_dir(spec))
     return {"name": spec.name, "space_file": spec.file, "experiment_dir": experiment_dir(spec),
             "metric": spec.metric, "mode": spec.mode, "n_trials": len(rows), "n_failed": counts[FAILED],
             "counts": counts, "trials": [{k: v for k, v in r.items() if k != "result"} for r in rows],
@@ -846,7 +852,8 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
             "confusion": ev.confusion.tolist(), "classes": list(data.scheme.classes),
             "mlflow_parent_run": parent, "mlflow_ui": tracker.ui_command(),
             "registered_model": tracker.registered,
-            "disk_bytes": {"results": _disk_used(experiment_dir(spec)),
+            "n_checkpoints": len(checkpoints),
+            "disk_bytes": {"results": _disk_used(experiment_dir(spec)), "checkpoints": _disk_used(*checkpoints),
                            "cache": _disk_used(str(data.cache.directory.parent))}}
 
 

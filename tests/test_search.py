@@ -93,6 +93,9 @@ def test_search_on_two_nodes_tracks_every_trial_in_a_real_mlflow_server(tmp_path
         # Disk does not grow with epochs: each trial keeps its best checkpoint and its latest.
         kept = {d.name: len(list(d.glob("checkpoint_*"))) for d in Path(summary["experiment_dir"]).glob("run_trial_*")}
         assert len(kept) == 4 and max(kept.values()) <= 2 and Path(summary["best_checkpoint"]).exists(), kept
+        # ... and the summary says what they take
+        assert summary["n_checkpoints"] == sum(kept.values())
+        assert 0 < summary["disk_bytes"]["checkpoints"] <= summary["disk_bytes"]["results"]
         # One parent run, one child per trial, nested under it.
         (parent,) = parents
         assert len(kids) == 4 and {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
