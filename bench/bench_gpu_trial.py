@@ -26,7 +26,7 @@ import torchvision
 
 from cxrtune.config import TrialConfig, from_dict
 from cxrtune.data.pipeline import prepare_data
-from cxrtune.engine import _autocast, fit, pick_device
+from cxrtune.engine import _autocast, _uses_device_batches, fit, pick_device
 
 log = logging.getLogger("bench_gpu_trial")
 
@@ -74,8 +74,7 @@ def trial(name: str, args: argparse.Namespace, home: Path) -> tuple[float, str]:
     n_train = len(data.rows("train"))
     result = fit(cfg, data, workdir=home / f"run-{name}")
     epochs = result.history[1:] or result.history
-    pipeline = "device" if args.pipeline == "device" or (args.pipeline == "auto" and
-                                                          pick_device("auto").type == "cuda") else "dataloader"
+    pipeline = "device" if _uses_device_batches(cfg, pick_device(cfg.loop.device)) else "dataloader"
     return n_train / min(h["time/train_s"] for h in epochs), pipeline
 
 

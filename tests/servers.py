@@ -121,3 +121,11 @@ def local_cluster(n_workers: int = 2, cpus_per_worker: float = 1, fast_health_ch
         yield cluster
     finally:
         cluster.shutdown()
+
+
+def parent_and_children(client, experiment: str) -> tuple[list, list]:
+    """An MLflow experiment's runs split into parent runs and nested (trial) runs."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])

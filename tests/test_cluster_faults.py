@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from servers import TINY, MlflowServer, isolate, kill_group, local_cluster
+from servers import TINY, MlflowServer, isolate, kill_group, local_cluster, parent_and_children
 
 EPOCHS = 6
 # An epoch takes about half a second here (TINY). The node is
@@ -152,10 +152,7 @@ def test_a_worker_node_killed_mid_search_loses_no_trial_and_no_epoch(tmp_path, c
         # MLflow: one parent, exactly one ended child run per trial (no duplicate for the
         # restarted trial, no orphan), each epoch logged once.
         client = MlflowClient(server.uri)
-        experiment = client.get_experiment_by_name("cxrtune-demo")
-        runs = client.search_runs([experiment.experiment_id], max_results=100)
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        (parent,), kids = parent_and_children(client, "cxrtune-demo")
         assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_parent_run"]
         assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
         assert sorted(k.data.tags["cxrtune.trial_id"] for k in kids) == sorted(t.trial_id for t in trials)

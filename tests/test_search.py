@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cxrtune.cli import app
 from cxrtune.space import bundled_spaces, load_spec
-from servers import TINY, free_port, isolate, kill_group, local_cluster, mlflow_server
+from servers import TINY, free_port, isolate, kill_group, local_cluster, mlflow_server, parent_and_children
 
 runner = CliRunner()
 
@@ -60,14 +60,6 @@ def tiny_spec(tmp_path: Path, *extra: str):
     return load_spec("demo", [*TINY, f"storage.path={tmp_path / 'ray'}", *extra])
 
 
-def children(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, kids
-
-
 def test_search_on_two_nodes_tracks_every_trial_in_a_real_mlflow_server(tmp_path, ray_cluster):
     from cxrtune.search import run_search
 
@@ -78,7 +70,7 @@ def test_search_on_two_nodes_tracks_every_trial_in_a_real_mlflow_server(tmp_path
         spec = load_spec(grid, [f"storage.path={tmp_path / 'ray'}", f"tracking.uri={uri}"])
         summary = run_search(spec, address=ray_cluster.address)
         client = MlflowClient(uri)
-        parents, kids = children(client, "cxrtune-grid")
+        parents, kids = parent_and_children(client, "cxrtune-grid")
 
         assert summary["n_trials"] == 4 and summary["n_failed"] == 1
         assert "test/f1_macro" in summary["test_metrics"] and summary["best_config"]["optimizer.lr"] < 1
@@ -229,7 +221,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_p
         if any(t in trial_dir for t in finished_before):
             assert lines_after[trial_dir] == n  # finished trials were not re-run
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    parents, kids = children(client, "cxrtune-demo")
+    parents, kids = parent_and_children(client, "cxrtune-demo")
     assert len(parents) == 1 and len(kids) == 4
     assert len({k.data.tags["cxrtune.trial_id"] for k in kids}) == 4  # no duplicate child runs
     # A trial running at the kill went on from its last checkpoint: no epoch was trained twice
@@ -257,7 +249,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(tmp_p
     for key in ("best_trial", "best_val", "mlflow_parent_run", "best_checkpoint", "counts"):
         assert repeat[key] == summary[key], key
     assert len(client.search_model_versions("name='cxrtune-best'")) == 1
-    assert len(children(client, "cxrtune-demo")[1]) == 4
+    assert len(parent_and_children(client, "cxrtune-demo")[1]) == 4
     # ... and a changed space under the same name is refused, naming what differs.
     changed = subprocess.run([*exe, *args, "--set", "search.seed=7", "--resume"], capture_output=True, text=True,
                              env=env, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cxrtune.space import load_spec
-from servers import TINY, MlflowServer, isolate, local_cluster
+from servers import TINY, MlflowServer, isolate, local_cluster, parent_and_children
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +82,7 @@ def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, c
         assert len(nodes) >= 2 and nodes <= cluster.worker_ids and cluster.head_id not in nodes, nodes
 
         client = MlflowClient(server.uri)
-        exp = client.get_experiment_by_name("cxrtune-demo")
-        runs = client.search_runs([exp.experiment_id], max_results=100)
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        (parent,), kids = parent_and_children(client, "cxrtune-demo")
         assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_parent_run"]
         assert "test/accuracy" in parent.data.metrics
         assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
@@ -96,7 +93,7 @@ def test_search_survives_an_mlflow_restart_and_logs_every_trial_once(tmp_path, c
             assert sorted(epochs) == [1, 2, 3], k.data.tags["cxrtune.trial_id"]
             assert k.info.status == "FINISHED" and k.data.tags["cxrtune.status"] == "completed"
         # the model is the search's, and the Default experiment (made by the store) is empty
-        (model,) = client.search_logged_models([exp.experiment_id])
+        (model,) = client.search_logged_models([parent.info.experiment_id])
         assert model.source_run_id == parent.info.run_id
         assert client.search_logged_models(["0"]) == [] and client.search_runs(["0"]) == []
     finally:
