@@ -49,6 +49,15 @@ def search_started(tmp_path: Path, space: str, *sets: str, args: tuple[str, ...]
     return proc
 
 
+def error_line(stderr: str) -> str:
+    """cxrtune's own one-line error: the last line that starts with ``error:``. Ray forwards
+    its nodes' log lines (a raylet's disk-space warning, say) to the driver's stderr when
+    they arrive, so the error is not always the very last line."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
 def runs(tmp_path: Path) -> list:
     if not (tmp_path / "m.db").exists():
         return []
@@ -65,7 +74,7 @@ def runs(tmp_path: Path) -> list:
 def test_a_search_that_can_never_run_fails_in_seconds_with_no_run_left_running(tmp_path, case, sets, args, words):
     proc, took = search(tmp_path, "demo", *sets, args=args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    message = proc.stderr.strip().splitlines()[-1]
+    message = error_line(proc.stderr)
     assert message.startswith("error:") and all(w in message for w in words), message
     assert "Traceback" not in proc.stderr
     assert took < 60, f"{case}: took {took:.0f} s"
@@ -79,7 +88,7 @@ def test_when_every_trial_fails_the_message_names_the_first_trials_own_error(tmp
                     "space:\n  optimizer.lr: {choice: [1.0e+30, 1.0e+31]}\nsearch: {algorithm: grid}\n")
     proc, _ = search(tmp_path, str(grid))
     assert proc.returncode == 1, proc.stderr[-3000:]
-    message = proc.stderr.strip().splitlines()[-1]
+    message = error_line(proc.stderr)
     assert "all 2 trials of 'bad' failed" in message and "TrainingDiverged: loss became nan" in message, message
     assert "RayTaskError" not in message
     (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
@@ -170,7 +179,7 @@ def test_a_storage_folder_a_worker_node_cannot_see_is_refused_before_any_trial(t
 
         proc, took = search(tmp_path, "demo", args=address, timeout=180)
         assert proc.returncode == 2, proc.stderr[-3000:]
-        message = proc.stderr.strip().splitlines()[-1]
+        message = error_line(proc.stderr)
         assert "is not shared" in message and str(storage) in message and "s3://" in message, message
         assert len(list(storage.glob("demo*"))) == 1, "the second search may not start any trial"
     finally:
@@ -192,7 +201,7 @@ def test_a_resume_tune_cannot_restore_stops_before_changing_anything(tmp_path):
 
     resumed, _ = search(tmp_path, "demo", args=("--resume",))
     assert resumed.returncode == 1, resumed.stderr[-3000:]
-    message = resumed.stderr.strip().splitlines()[-1]
+    message = error_line(resumed.stderr)
     assert "cannot resume the search" in message and "JSONDecodeError" in message and "--resume" in message, message
     assert sorted(p.name for p in experiment.iterdir()) == before  # no new trial, no new state
     assert sorted(r.info.run_id for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags) == sorted(kids)
