@@ -185,8 +185,8 @@ def _dataloaders(cfg: TrialConfig, data: PreparedData, images: np.ndarray, gener
 
 def _device_images(cfg: TrialConfig, data: PreparedData, device: torch.device) -> torch.Tensor:
     """The trial's images placed for ``device`` once. On CUDA the raw cache goes there and
-    CXR-Norm runs on it in a second or two (no per-trial copy on disk); elsewhere the
-    memoised OpenCV result is placed."""
+    CXR-Norm runs on it at trial start (the log gives its time; no per-trial copy on
+    disk); elsewhere the memoised OpenCV result is placed."""
     if device.type != "cuda":
         return place_images(_normalized(data, cfg), device)
     return normalize_placed(place_images(data.cache.images, device, cfg.loop.gpu_share), cfg.preprocess, device)

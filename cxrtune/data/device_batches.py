@@ -83,8 +83,8 @@ class IndexBatches:
         if len(rows) != len(targets):
             raise ValueError(f"internal: {len(rows)} rows but {len(targets)} targets")
         self.images, self.transform, self.device = images, transform, device
-        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+        self.rows = torch.as_tensor(np.array(rows, dtype=np.int64))  # a copy: rows may be read-only
+        self.targets = torch.as_tensor(np.array(targets, dtype=np.int64))
         self.batch_size, self.sampler, self.batch_seed, self.drop_last = batch_size, sampler, batch_seed, drop_last
 
     def _order(self) -> tuple[int, torch.Tensor]:
