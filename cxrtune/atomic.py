@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umasked(mode: int) -> int:
+    """``mode`` under the process's umask, as open() and mkdir() apply it."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
+# mkstemp and mkdtemp make private (0600 / 0700) entries; what they become is shared
+# results (reports, checkpoints on a cluster's shared folder), readable as any file is.
+_PLAIN_FILE, _PLAIN_DIR = _umasked(0o666), _umasked(0o777)
+
+
 @contextlib.contextmanager
 def replacing_file(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it replaces ``path``, on
@@ -20,6 +32,7 @@ def replacing_file(path: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, _PLAIN_FILE)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -42,6 +55,7 @@ def replacing_dir(path: Path) -> Iterator[Path]:
     between the two renames leaves the previous folder as ``.<name>.old-*`` beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, _PLAIN_DIR)
     try:
         yield tmp
     except BaseException:

@@ -262,5 +262,27 @@ def search_cmd(
     emit(summary, as_json, render_search)
 
 
+@app.command("report")
+def report_cmd(
+    target: str = typer.Argument(..., help="A search: its name (demo-2), its space (demo: that space's latest "
+                                           "search), its results or report folder, or its MLflow parent run id."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file (default: <search>-report.html here)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The results folder a search named by its name is "
+                                                                  "in (default: cxrtune_runs/ray_results)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="The MLflow a run id is read from "
+                                                                            "(default: sqlite:///mlflow.db here)."),
+    as_json: bool = JSON,
+) -> None:
+    """One self-contained HTML report of a finished search (opens offline).
+
+    Data and split, the search's settings, its top trials, the best config, test metrics
+    with 95 % bootstrap intervals over patients, every figure (test curves, learning
+    curves, Optuna's plots, Grad-CAM, occlusion, t-SNE) and the shortcut check."""
+    from .report.html import report_for
+
+    result = run(report_for, target, out, storage, tracking_uri)
+    emit(result, as_json, lambda r: typer.echo(f"report of {r['name']} ({r['found']}): {r['html']}"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

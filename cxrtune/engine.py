@@ -405,6 +405,13 @@ class Evaluation:
     config: TrialConfig
     model: nn.Module
     input_stats: tuple[float, float]
+    images: np.ndarray  # the whole cache under the trial's CXR-Norm (uint8 (N, S, S)): what the model saw
+    device: torch.device
+
+    def inputs(self, rows: np.ndarray) -> torch.Tensor:
+        """The model's input tensors for cache ``rows``, as evaluation builds them."""
+        transform = eval_transform(*self.input_stats)
+        return torch.stack([transform(torch.from_numpy(np.array(self.images[r]))[None]) for r in rows])
 
 
 def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test",
@@ -426,7 +433,7 @@ def evaluate_checkpoint(checkpoint: Path, data: PreparedData, split: str = "test
     y_true, probs, loss = predict(model, loader, device, full)
     metrics = split_metrics(y_true, probs, loss, data, f"{split}/")
     conf = confusion(y_true, probs.argmax(1), data.scheme.num_classes)
-    return Evaluation(metrics, conf, y_true, probs, cfg, model, (mean, std))
+    return Evaluation(metrics, conf, y_true, probs, cfg, model, (mean, std), images, device)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -104,25 +104,31 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
                             labels=list(range(num_classes))).astype(np.int64)
 
 
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: confidence = max prob, ``n_bins`` equal-width bins ``(lo, hi]`` on [0, 1].
-
-    ``sum_b (n_b / n) * |accuracy_b - mean_confidence_b|``; a confidence of exactly 0
-    falls in the first bin.
-    """
+def reliability_table(y_true: np.ndarray, probs: np.ndarray,
+                      n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per top-label confidence bin: image count, accuracy and mean confidence (NaN for
+    an empty bin). ``n_bins`` equal-width bins ``(lo, hi]`` on [0, 1]; a confidence of
+    exactly 0 falls in the first bin. The ECE and the reliability diagram both read it."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     p = np.asarray(probs, dtype=np.float64)
     y, p = _check_inputs(y_true, p, p.shape[1] if p.ndim == 2 else -1)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    n = len(y)
-    ece = 0.0
-    for b in np.unique(bins):
-        m = bins == b
-        ece += m.sum() / n * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    which = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(which, weights=correct, minlength=n_bins) / counts
+        confidence = np.bincount(which, weights=conf, minlength=n_bins) / counts
+    return counts, accuracy, confidence
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over :func:`reliability_table`'s bins:
+    ``sum_b (n_b / n) * |accuracy_b - mean_confidence_b|``."""
+    counts, accuracy, confidence = reliability_table(y_true, probs, n_bins)
+    seen = counts > 0
+    return float(np.sum(counts[seen] / counts.sum() * np.abs(accuracy[seen] - confidence[seen])))
 
 
 def _ovr_macro(y: np.ndarray, p: np.ndarray, score) -> float:

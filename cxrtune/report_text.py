@@ -80,6 +80,12 @@ def _config_text(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
+def _interval_text(interval: Any) -> str:
+    if not interval or any(v is None for v in interval):
+        return ""
+    return f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def render_search(r: dict[str, Any]) -> None:
     trials = r["trials"][:TOP_TRIALS]
     shown = "every trial" if len(trials) == len(r["trials"]) else f"top {len(trials)} of {len(r['trials'])} trials"
@@ -99,7 +105,9 @@ def render_search(r: dict[str, Any]) -> None:
     test = r["test_metrics"]
     keys = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
                         "test/roc_auc_macro", "test/binary/accuracy", "test/binary/f1_weighted") if k in test]
-    console.print("held-out test: " + ", ".join(f"{k} {test[k]:.4f}" for k in keys))
+    intervals = r.get("test_intervals") or {}
+    console.print("held-out test (95 % interval over patients): "
+                  + ", ".join(f"{k} {test[k]:.4f}{_interval_text(intervals.get(k))}" for k in keys))
     console.print(f"confusion (rows true {r['classes']}): {r['confusion']}")
     if r.get("registered_model"):
         console.print(f"registered model: {r['registered_model']}")
@@ -111,6 +119,11 @@ def render_search(r: dict[str, Any]) -> None:
     console.print(f"MLflow parent run: {r['mlflow_parent_run']}; review every trial: {r['mlflow_ui']}",
                   soft_wrap=True)
     console.print(f"best checkpoint: {r['best_checkpoint']}", soft_wrap=True)
+    if r.get("report"):
+        console.print(f"report: {r['report']} (its figures are on the MLflow parent run under report/)",
+                      soft_wrap=True)
+    if r.get("optuna_dashboard"):
+        console.print(f"the study in Optuna's dashboard: {r['optuna_dashboard']}", soft_wrap=True)
     # a summary saved by an older cxrtune (a resumed, finished search) has no checkpoint count
     kept = (f", of which {r['n_checkpoints']} checkpoints {_size(disk['checkpoints'])}"
             if "n_checkpoints" in r else "")

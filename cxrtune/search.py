@@ -327,7 +327,7 @@ def _run_config(spec: SearchSpec, storage: str, callbacks: list):
 
 def experiment_dir(spec: SearchSpec) -> str:
     """Where Tune keeps this search: a local path or a URI (s3://...)."""
-    return f"{spec.storage.resolved().rstrip('/')}/{spec.name}"
+    return spec.results_dir
 
 
 class MlflowCallback(Callback):
@@ -808,6 +808,41 @@ def _checkpoint_dirs(experiment: str) -> list[str]:
     return [] if "://" in experiment else [str(p) for p in Path(experiment).glob("*/checkpoint_*")]
 
 
+def _report(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], tracker: Tracker,
+            parent: Optional[str], ev: Any = None) -> dict[str, Any]:
+    """The report bundle and its HTML, logged to the parent run (its test figures on the
+    best trial's run too). A report that cannot be built is logged as a warning: the
+    search's result stands without it."""
+    from .report.build import ReportTrial, report_dir, study_storage, write_report
+    from .report.html import write_html
+
+    trials = [ReportTrial(r["trial_id"], r["status"], r["epochs"], r["best"], r["best_epoch"], r["config"],
+                          r["error"], _history(r["result"])) for r in rows]
+    out = report_dir(spec)
+    try:
+        report = write_report(out, spec, data, trials, ev, study_storage(spec, experiment_dir(spec)),
+                              seed=spec.search.seed)
+        report["html"] = str(write_html(out, out / "report.html"))
+    except Exception as exc:  # noqa: BLE001 - the search's result stands without its report
+        log.warning("the search's report could not be built: %s: %s", type(exc).__name__, exc, exc_info=True)
+        return {}
+    best_files = [f["file"] for f in report["figures"] if f["section"] in ("test", "binary", "curves", "explain")]
+    tracker.log_report(parent, trials[0].trial_id if ev is not None else None, out, best_files,
+                       report.get("test", {}).get("intervals"))
+    log.info("report: %s (cxrtune report %s)", report["html"], spec.name)
+    return report
+
+
+def _history(result) -> list[dict[str, float]]:
+    """A trial's per-epoch metrics as plain dicts (what the report draws its curves from)."""
+    df = result.metrics_dataframe
+    if df is None:
+        return []
+    cols = [c for c in df.columns if c == "epoch" or "/" in str(c)]
+    return [{k: float(v) for k, v in rec.items() if pd.notna(v) and isinstance(v, (int, float))}
+            for rec in df[cols].to_dict("records")]
+
+
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
     from ray.tune import ExperimentAnalysis
 
@@ -824,6 +859,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
                                 "(and the same --set values)")
     ranked = [r for r in rows if r["best"] is not None]
     if not ranked:
+        _report(spec, data, rows, tracker, parent)
         first = next((r for r in sorted(rows, key=lambda x: _creation_order(x["trial_id"])) if r["error"]), None)
         raise SearchFailed(f"all {len(rows)} trials of {spec.name!r} failed; the first "
                            f"({first['trial_id'] if first else '-'}) with {first['error'] if first else '-'}")
@@ -840,6 +876,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
         tracker.log_best(parent, best_row["trial_id"], point_of(best.config), _best_epoch_metrics(best_row),
                          ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), ev.model,
                          preprocessing, spec.tracking.register_model)
+        report = _report(spec, data, rows, tracker, parent, ev)
     tracker.end_parent(parent, status="FINISHED")
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, FAILED, NOT_STARTED)}
     checkpoints = _checkpoint_dirs(experiment_dir(spec))
@@ -852,6 +889,8 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
             "confusion": ev.confusion.tolist(), "classes": list(data.scheme.classes),
             "mlflow_parent_run": parent, "mlflow_ui": tracker.ui_command(),
             "registered_model": tracker.registered,
+            "test_intervals": report.get("test", {}).get("intervals", {}),
+            "report": report.get("html"), "optuna_dashboard": report.get("optuna", {}).get("dashboard"),
             "n_checkpoints": len(checkpoints),
             "disk_bytes": {"results": _disk_used(experiment_dir(spec)), "checkpoints": _disk_used(*checkpoints),
                            "cache": _disk_used(str(data.cache.directory.parent))}}

@@ -43,6 +43,7 @@ class PreparedData:
     split_path: Path
     cache: ImageCache
     dropped: dict[str, tuple[int, str]]  # fine label -> (count, reason)
+    duplicate_clusters: tuple[tuple[str, ...], ...] = ()  # near-duplicate images grouped for the split (paths)
 
     def rows(self, split: str) -> np.ndarray:
         """Cache rows of one split, in split-file order."""
@@ -88,8 +89,9 @@ def without_skipped(labelled: Labelled, cache: ImageCache) -> Labelled:
 
 
 def record_groups(records: Sequence[Record], images: np.ndarray, rows: Sequence[int],
-                  min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[str]:
-    """The split grouping key of each record (see ``splits.patient_groups``).
+                  min_similarity: float = DEFAULT_MIN_SIMILARITY) -> tuple[list[str], list[list[int]]]:
+    """The split grouping key of each record (see ``splits.patient_groups``), and the
+    near-duplicate clusters found (lists of record indices).
 
     Images without a patient id (CoronaHack's COVID-19 figures, folder sources, CSVs
     without patient_id) are merged by case numbers in their file names and by
@@ -104,7 +106,7 @@ def record_groups(records: Sequence[Record], images: np.ndarray, rows: Sequence[
         clusters = [[no_id[j] for j in g] for g in duplicate_groups(sig, min_similarity)]
     groups = patient_groups(records, clusters)
     log_missing_patient_ids(records, groups)
-    return groups
+    return groups, clusters
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
@@ -117,10 +119,12 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
                         workers=cfg.workers, progress=progress)
     labelled = without_skipped(labelled, cache)
     index = cache.index()
-    groups = record_groups(labelled.records, cache.images, [index[str(r.path)] for r in labelled.records])
+    groups, clusters = record_groups(labelled.records, cache.images,
+                                     [index[str(r.path)] for r in labelled.records])
     split = make_split(labelled, cfg, scheme.classes, groups)
     split = split.assign(row=[index[p] for p in split["path"]])
     path = cfg.resolved_cache_dir().parent / "splits" / f"{cfg.source}-{cfg.task}-{split_id(split, cfg)}.csv"
     save_split(split, path)
     log.info("split saved to %s (%s)", path, split["split"].value_counts().to_dict())
-    return PreparedData(cfg, scheme, split, path, cache, labelled.dropped)
+    duplicates = tuple(tuple(str(labelled.records[i].path) for i in c) for c in clusters)
+    return PreparedData(cfg, scheme, split, path, cache, labelled.dropped, duplicates)

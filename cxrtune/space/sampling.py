@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 # How each distribution kind is suggested on an Optuna trial.
-_SUGGEST: dict[str, Callable[[optuna.Trial, Param], Any]] = {
+SUGGEST: dict[str, Callable[[optuna.Trial, Param], Any]] = {
     "choice": lambda t, p: t.suggest_categorical(p.name, list(p.values)),
     "int": lambda t, p: t.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1)),
     "quniform": lambda t, p: t.suggest_float(p.name, p.low, p.high, step=p.step),
@@ -39,7 +39,7 @@ class DefineByRun:
         point: dict[str, Any] = {}
         for p in self.params:
             if p.active(point):
-                point[p.name] = _SUGGEST[p.kind](trial, p)
+                point[p.name] = SUGGEST[p.kind](trial, p)
 
 
 def define_by_run(spec: SearchSpec) -> DefineByRun:

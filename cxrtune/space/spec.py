@@ -185,6 +185,11 @@ class SearchSpec:
         return self.search.scheduler.max_epochs or self.base_config().loop.epochs
 
     @property
+    def results_dir(self) -> str:
+        """Where Tune keeps this search: a local path or a URI (s3://...)."""
+        return f"{self.storage.resolved().rstrip('/')}/{self.name}"
+
+    @property
     def has_conditions(self) -> bool:
         return any(p.when for p in self.params)
 

@@ -14,7 +14,8 @@ exactly what was not logged (which runs, how many params, metric values, tags), 
 Modules: ``common`` (tags, statuses, value conversions), ``writer`` (the retrying
 queue), ``tracker`` (the ``Tracker``: the experiment, parent and child runs,
 reconciliation, the best model and its registration), ``trials`` (``TrialLogger``,
-``TrialRecord`` and how a trial's results read), ``plots`` (the confusion matrix).
+``TrialRecord`` and how a trial's results read). The figures it logs are drawn by
+``cxrtune.report``.
 """
 
 from .common import (COMPLETED, DEFAULT_EXPERIMENT, DEFAULT_URI, ERROR_CHARS, ERROR_TAG, FAILED, KILLED,

@@ -26,7 +26,6 @@ from ..selection import direction
 from .common import (BEST_TRIAL_TAG, DEFAULT_EXPERIMENT, DEFAULT_URI, METRICS_PER_BATCH, PARAMS_PER_BATCH,
                      PARENT_TAG, REGISTERED_TAG, ROLE_TAG, RUNNING, STATUS_TAG, TRIAL_ID_TAG, flatten,
                      jsonable, log, metric_entities, number, param_value, run_tags, short)
-from .plots import confusion_png
 from .trials import TrialLogger, TrialRecord, best_and_missing, reconciled_end, result_rows
 from .writer import REFUSED, Op, Ref, Writer, failure_kind
 
@@ -541,13 +540,40 @@ class Tracker:
                            ref.label, "register", refs=(model_ref, ref)))
         return model_ref.id
 
+    def log_report(self, parent_id: Optional[str], best_trial_id: Optional[str], bundle: Path,
+                   trial_files: Sequence[str] = (), intervals: Optional[Mapping[str, Any]] = None) -> None:
+        """The report bundle (figures, report.json, report.html) on the parent run under
+        ``report/``; ``trial_files`` of it on the best trial's run too; each test metric's
+        interval as ``<metric>/ci95_low`` and ``/ci95_high`` metrics of the parent."""
+        ref = self._run_ref(parent_id)
+        self.log_path(ref, Path(bundle), artifact_path="report")
+        bounds = {}
+        for key, (low, high) in (intervals or {}).items():
+            bounds.update({f"{key}/ci95_low": low, f"{key}/ci95_high": high})
+        self.log_metrics(ref, bounds)
+        files = [Path(bundle) / f for f in trial_files if (Path(bundle) / f).exists()]
+        if best_trial_id is None or not files:
+            return
+
+        def send() -> None:
+            run_id = self._child_run_id(str(best_trial_id), ref.id)
+            for f in files:
+                if run_id is not None:
+                    self._client.log_artifact(run_id, str(f), artifact_path="report")
+
+        self._write(Op(f"log the report's figures on the run of trial {best_trial_id}", send,
+                       f"trial {best_trial_id}", "artifact", refs=(self._exp, ref)))
+
+    def _child_run_id(self, trial_id: str, parent_id: str) -> Optional[str]:
+        child = self._children.get(trial_id)
+        if child is not None and child.id:
+            return child.id
+        run = self._find_child_now(trial_id, parent_id)
+        return run.info.run_id if run is not None else None
+
     def _tag_best_child(self, trial_id: str, parent: Ref) -> None:
         def tag() -> None:
-            child = self._children.get(trial_id)
-            run_id = child.id if child is not None and child.id else None
-            if run_id is None:
-                run = self._find_child_now(trial_id, parent.id)
-                run_id = run.info.run_id if run is not None else None
+            run_id = self._child_run_id(trial_id, parent.id)
             if run_id is not None:
                 self._client.set_tag(run_id, "cxrtune.best", "true")
 
@@ -564,6 +590,8 @@ class Tracker:
         js.write_text(json.dumps({"class_names": names, "rows": "true class",
                                   "columns": "predicted class", "matrix": cm.tolist()}, indent=2))
         self.log_path(run, js)
+        from ..report.figures import confusion_png
+
         try:
             png = confusion_png(cm, names, tmpdir / "confusion_matrix.png")
         except Exception as exc:  # noqa: BLE001 - a plot never stops the search
