@@ -284,5 +284,46 @@ def report_cmd(
     emit(result, as_json, lambda r: typer.echo(f"report of {r['name']} ({r['found']}): {r['html']}"))
 
 
+@app.command("predict")
+def predict_cmd(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, DICOM, ...) and folders (walked "
+                                                  "for images)."),
+    model: str = typer.Option(..., "--model", "-m", help="models:/NAME/VERSION (a search registers "
+                                                         "cxrtune-best), runs:/RUN_ID/model, or a model folder."),
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per image into this "
+                                                           "folder."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Images per forward pass (default: the model's "
+                                                              "test evaluation's)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="The MLflow a models:/ or runs:/ URI "
+                                                                            "is read from (default: "
+                                                                            "sqlite:///mlflow.db here)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image and line, instead of a table."),
+) -> None:
+    """Class probabilities and the predicted class of each image, by a model a search logged.
+
+    The model carries the preprocessing its trial trained and was tested with (decode,
+    square crop, CXR-Norm, normalisation) and applies it. Exit codes: 0 every image
+    predicted, 1 some image could not be read (each named; the others are predicted),
+    2 bad input (a model that does not exist, no images)."""
+    from .report_text import render_predictions
+    from .serving.predict import predict_images
+
+    predictions = run(predict_images, model, images, tracking_uri=tracking_uri, batch_size=batch, cam_dir=cam)
+    rows, failed = [], 0
+    for result in predictions.results:
+        if result.error:
+            failed += 1
+            typer.echo(f"error: {result.image}: {result.error}", err=True)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict()))
+        else:
+            rows.append(result.to_dict())
+    if not as_json:
+        render_predictions(predictions.model, predictions.classes, rows)
+    if failed:
+        typer.echo(f"{failed} image(s) could not be read (named above); the others were predicted", err=True)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -280,13 +280,19 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg: TrialConfig):
+def model_inputs(x: torch.Tensor, device: torch.device, cfg: TrialConfig) -> torch.Tensor:
+    """A batch of (B, 1, S, S) inputs as the model takes them: on ``device``, replicated to
+    the trial's channels, in its memory format."""
     x = x.to(device, non_blocking=True)
     if cfg.model.in_channels == 3:
         x = x.expand(-1, 3, -1, -1)
     if device.type == "cuda" and cfg.loop.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return x
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg: TrialConfig):
+    return model_inputs(x, device, cfg), y.to(device, non_blocking=True)
 
 
 def _loss(s: Setup, cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -362,6 +368,21 @@ def train_one_epoch(s: Setup, cfg: TrialConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
+def eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device, cfg: TrialConfig) -> torch.Tensor:
+    """fp32 logits of one batch of evaluation inputs ((B, 1, S, S), as ``eval_transform``
+    makes them), computed as validation and test compute them (the trial's channels,
+    memory format and autocast). The model must be in eval mode."""
+    with _autocast(device, cfg.loop.amp):
+        logits, _ = logits_and_aux(model(model_inputs(x, device, cfg)))
+    return logits.float()
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """Class probabilities (fp32 softmax) of ``eval_logits``' output, on the CPU."""
+    return torch.softmax(logits, dim=1).cpu().numpy()
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device,
             cfg: TrialConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """(true labels, class probabilities, mean loss) over ``loader``, augmentation-free."""
@@ -370,13 +391,11 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device,
     for i, (x, y) in enumerate(loader):
         if cfg.loop.max_eval_batches and i >= cfg.loop.max_eval_batches:
             break
-        x, y = _to_device(x, y, device, cfg)
-        with _autocast(device, cfg.loop.amp):
-            logits, _ = logits_and_aux(model(x))
-        logits = logits.float()
+        logits = eval_logits(model, x, device, cfg)
+        y = y.to(device, non_blocking=True)
         total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         ys.append(y.cpu().numpy())
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        probs.append(probabilities(logits))
     y_true = np.concatenate(ys)
     return y_true, np.concatenate(probs), total / max(len(y_true), 1)
 

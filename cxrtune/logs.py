@@ -8,8 +8,8 @@ import os
 import sys
 
 # Loggers whose INFO lines (and a few warnings) say nothing a user can act on: a line
-# per checkpoint, "a new study created", model-registry chatter, pickle advice for the
-# model flavour cxrtune chose knowingly.
+# per checkpoint, "a new study created", model-registry chatter, the check of the
+# logged model's input example.
 QUIET_LOGGERS = {
     "ray.train": logging.WARNING,
     "ray.tune": logging.WARNING,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Into a file or pipe (a log), lines are not wrapped: commands and paths stay copy-pasteable.
@@ -129,3 +130,21 @@ def render_search(r: dict[str, Any]) -> None:
             if "n_checkpoints" in r else "")
     console.print(f"Tune results: {r['experiment_dir']} ({_size(disk['results'])}{kept}; image cache and "
                   f"CXR-Norm memo {_size(disk['cache'])})", soft_wrap=True)
+
+
+def render_predictions(model: str, classes: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """`cxrtune predict`: one row per image, its predicted class and each class's probability
+    (the predicted one in bold); an unreadable image's row says so (its error is on stderr)."""
+    table = Table(title=escape(f"{model}: {len(rows)} image(s)"))
+    table.add_column("image", overflow="fold")
+    table.add_column("predicted")
+    for c in classes:
+        table.add_column(c, justify="right")
+    for r in rows:
+        if r.get("error"):
+            table.add_row(escape(r["image"]), "[red]unreadable[/]", *("-" for _ in classes))
+            continue
+        probs = r["probabilities"]
+        table.add_row(escape(r["image"]), r["predicted"], *(f"[bold]{probs[c]:.4f}[/]" if c == r["predicted"]
+                                                    else f"{probs[c]:.4f}" for c in classes))
+    console.print(table)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .atomic import write_text
-from .config import DataConfig, to_dict
+from .config import DataConfig
 from .data.cache import ImageCache
 from .data.labels import SCHEMES
 from .data.pipeline import PreparedData, prepare_data
@@ -843,6 +843,17 @@ def _history(result) -> list[dict[str, float]]:
             for rec in df[cols].to_dict("records")]
 
 
+def _model_package(data: PreparedData, ev: Any):
+    """The best trial's network and the preprocessing its test evaluation applied: what is
+    logged and registered (serving/model.py)."""
+    from .serving.model import ModelPackage, Preprocessing, spec_of
+
+    prep = Preprocessing(task=data.cfg.task, classes=tuple(data.scheme.classes), image_size=data.cache.size,
+                         input_mean=float(ev.input_stats[0]), input_std=float(ev.input_stats[1]),
+                         in_channels=ev.config.model.in_channels, cxrnorm=ev.config.preprocess)
+    return ModelPackage(ev.model, spec_of(ev.config, prep))
+
+
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
     from ray.tune import ExperimentAnalysis
 
@@ -869,13 +880,10 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
     checkpoint = _best_checkpoint(best_row, spec)
     with checkpoint.as_directory() as ckpt_dir:
         ev = evaluate_checkpoint(Path(ckpt_dir), data, "test")
-        preprocessing = {"task": data.cfg.task, "classes": list(data.scheme.classes),
-                         "image_size": data.cache.size, "input_mean": ev.input_stats[0],
-                         "input_std": ev.input_stats[1], "in_channels": ev.config.model.in_channels,
-                         "cxrnorm": to_dict(ev.config.preprocess)}
+        package = _model_package(data, ev)
         tracker.log_best(parent, best_row["trial_id"], point_of(best.config), _best_epoch_metrics(best_row),
-                         ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), ev.model,
-                         preprocessing, spec.tracking.register_model)
+                         ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), package,
+                         spec.tracking.register_model)
         report = _report(spec, data, rows, tracker, parent, ev)
     tracker.end_parent(parent, status="FINISHED")
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, FAILED, NOT_STARTED)}

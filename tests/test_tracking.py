@@ -5,6 +5,7 @@ for Tune trials (Ray is not started): what is under test is what lands in MLflow
 server is stopped and started again on the same port and store to test outages.
 """
 
+import json
 import logging
 import math
 import os
@@ -17,10 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from cxrtune.config import TrialConfig
+from cxrtune.data.cxrnorm_config import CXRNormConfig
 from cxrtune.models import ModelConfig, build_model
+from cxrtune.serving.model import ModelPackage, Preprocessing, spec_of
 from servers import MlflowServer, free_port
 from cxrtune.tracking import (COMPLETED, ERROR_TAG, FAILED, FATAL, KILLED, LAST_EPOCH_TAG, RECONCILED_TAG,
                               REFUSED, STATUS_TAG, STOPPED_EARLY, TRANSIENT, TRIAL_ID_TAG, Tracker,
@@ -76,14 +81,20 @@ def steps(client, run_id, key="val/f1_macro"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+CLASSES = ("normal", "bacterial", "viral")
+
+
 def convnet(tmp_path):
-    """A tiny model and its checkpoint folder, for log_best."""
+    """A tiny model (packaged as a search packages its best: network + spec) and its
+    checkpoint folder, for log_best."""
     model = build_model(ModelConfig(backbone="convnet5"), 3, 32)
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir(exist_ok=True)
     torch.save({"model": model.state_dict(), "input_stats": (0.5, 0.25), "config": {"x": 1}},
                ckpt / "checkpoint.pt")
-    return model, ckpt
+    prep = Preprocessing(task="three_class", classes=CLASSES, image_size=32, input_mean=0.5, input_std=0.25,
+                         in_channels=1, cxrnorm=CXRNormConfig(clip_limit=2.0))
+    return ModelPackage(model, spec_of(TrialConfig(model=ModelConfig(backbone="convnet5")), prep)), ckpt
 
 
 # ---------------------------------------------------------------- no server
@@ -101,14 +112,14 @@ def test_unreachable_server_queues_and_says_exactly_what_was_not_logged(caplog, 
     t = trial("x_00000", lr=0.1)
     run_epochs(cb, t, [0.5, 0.6])
     cb.on_trial_complete(iteration=3, trials=[t], trial=t)
-    assert tracker.log_best(None, "x_00000", {}, {}, {}, np.eye(2), ["a", "b"], None, None, {}) is None
+    assert tracker.log_best(None, "x_00000", {}, {}, {}, np.eye(2), ["a", "b"], None, None) is None
     tracker.end_parent(None)
     tracker.close()
     assert time.monotonic() - start < 30
     n_metrics = len([k for k in result(1, 0.5) if k.startswith(("train/", "val/", "time/")) or k in ("lr", "best")])
     assert tracker.not_logged() == {
         "experiment": {"experiment": 1},
-        "parent run": {"run": 1, "params": 2, "tags": 1, "artifact": 3, "end": 1},
+        "parent run": {"run": 1, "params": 2, "tags": 1, "artifact": 2, "end": 1},
         "trial x_00000": {"run": 1, "params": 1, "metrics": 2 * n_metrics, "tags": 3, "end": 1}}
     report = [r.getMessage() for r in caplog.records if "were not logged" in r.getMessage()]
     assert len(report) == 1 and f"{tracker.skipped} MLflow writes were not logged" in report[0]
@@ -295,9 +306,9 @@ def test_model_is_logged_in_the_search_experiment_not_default(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     tracker = Tracker(uri, "cxr-models")
     parent = tracker.start_parent("models", {"a": 1}, {}, [], None)
-    model, ckpt = convnet(tmp_path)
+    package, ckpt = convnet(tmp_path)
     model_uri = tracker.log_best(parent, "t_00000", {"lr": 0.1}, {"val/f1_macro": 0.8}, {"f1_macro": 0.7},
-                                 np.eye(3), ["normal", "bacterial", "viral"], ckpt, model, {"task": "x"})
+                                 np.eye(3), list(CLASSES), ckpt, package)
     tracker.end_parent(parent)
     tracker.close()
     assert model_uri and tracker.skipped == 0
@@ -458,15 +469,11 @@ def test_search_is_logged_to_server(server, tmp_path, caplog):
     assert len(client.search_runs([exp_id], filter_string="tags.`cxrtune.role` = 'search'")) == 1
 
     # --- the best trial on the parent run
-    model, ckpt = convnet(tmp_path)
-    prep = {"cxrnorm": {"method": "cxrnorm", "clip_limit": 2.0}, "input_size": 32, "in_channels": 1,
-            "mean": np.float32(0.5), "std": 0.25, "class_names": ["normal", "bacterial", "viral"],
-            "task": "three_class"}
+    package, ckpt = convnet(tmp_path)
     confusion = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 6]])
     model_uri = tracker2.log_best(parent, "t_00004", {"optimizer": {"lr": 3e-3, "name": "adam"}},
                                   {"val/f1_macro": 0.8, "val/loss": 0.3}, {"test/f1_macro": 0.75, "accuracy": 0.79},
-                                  confusion, ["normal", "bacterial", "viral"], ckpt, model, prep,
-                                  register_name="cxr-best")
+                                  confusion, list(CLASSES), ckpt, package, register_name="cxr-best")
     assert model_uri and model_uri.startswith("models:/")
     tracker2.end_parent(parent, status="FINISHED")
     tracker2.close()
@@ -494,15 +501,24 @@ def test_search_is_logged_to_server(server, tmp_path, caplog):
     assert client.search_logged_models(["0"]) == [] and client.search_runs(["0"]) == []
     (version,) = client.search_model_versions("name='cxr-best'")
     assert version.version == "1" and version.run_id == parent and version.source == model_uri
+    prep = json.loads(Path(client.download_artifacts(parent, "preprocessing.json", str(tmp_path))).read_text())
+    assert prep == package.spec.preprocessing.to_dict() and prep["cxrnorm"]["clip_limit"] == 2.0
+    # the registered model is a pyfunc model that carries its preprocessing, no pickled network
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     with _use_tracking_uri(uri):
         info = mlflow.models.get_model_info(model_uri)
-        assert info.metadata["preprocessing"]["class_names"] == ["normal", "bacterial", "viral"]
-        assert info.metadata["preprocessing"]["mean"] == 0.5
-        loaded = mlflow.pytorch.load_model("models:/cxr-best/1")
+        assert "pytorch" not in info.flavors and info.flavors["python_function"]["artifacts"]
+        assert info.metadata["preprocessing"]["classes"] == list(CLASSES)
+        assert info.metadata["preprocessing"]["input_mean"] == 0.5
+        assert {c.name for c in info.signature.outputs.inputs} == {*CLASSES, "predicted"}
+        loaded = mlflow.pyfunc.load_model("models:/cxr-best/1")
+    served = loaded.unwrap_python_model().classifier
     x = torch.randn(2, 1, 32, 32)
-    model.eval()
-    assert torch.allclose(loaded(x), model(x))
+    package.model.eval()
+    assert not served.model.training and torch.equal(served.model(x), package.model(x))
+    answer = loaded.predict(pd.DataFrame({"image": [np.full((40, 50), 7, np.uint16), np.eye(40, dtype=np.uint8)]}))
+    assert list(answer.columns) == [*CLASSES, "predicted"] and len(answer) == 2
+    assert np.allclose(answer[list(CLASSES)].sum(axis=1), 1, atol=1e-6)
 
 
 

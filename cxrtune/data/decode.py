@@ -1,4 +1,5 @@
-"""Decode one image file (PNG, JPEG, TIFF, ..., DICOM) to a 2-D uint8 grayscale array.
+"""Decode one image file (PNG, JPEG, TIFF, ..., DICOM), or its bytes, to a 2-D uint8
+grayscale array.
 
 Every decoder problem (empty, truncated, not an image, unsupported DICOM
 compression) becomes an :class:`ImageDecodeError` naming the file and the
@@ -16,7 +17,9 @@ conversion and is faster than decoding RGB and converting.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import cv2
 import numpy as np
@@ -24,7 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
-__all__ = ["ImageDecodeError", "load_gray", "load_gray_noted", "to_square", "DICOM_SUFFIXES", "ALPHA_DROPPED"]
+__all__ = ["ImageDecodeError", "load_gray", "load_gray_bytes", "load_gray_noted", "to_square", "window_to_uint8",
+           "DICOM_SUFFIXES", "ALPHA_DROPPED"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DICOM_MAGIC_OFFSET = 128  # "DICM" follows a 128-byte preamble in a Part 10 file
@@ -36,6 +40,9 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 # Pillow modes holding more than 8 bits per sample: scaled by their own range.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+# What the decoders read from: a file, or an encoded file's bytes held in memory.
+Source = Union[Path, BinaryIO]
 
 
 class ImageDecodeError(DataError):
@@ -66,8 +73,22 @@ def load_gray_noted(path: Path | str) -> tuple[np.ndarray, tuple[str, ...]]:
     path = Path(path)
     _check_file(path)
     if _is_dicom(path):
-        return _load_dicom(path), ()
-    return _load_raster(path)
+        return _load_dicom(path, path), ()
+    return _load_raster(path, path)
+
+
+def load_gray_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """:func:`load_gray` of an encoded file held in memory (PNG, JPEG, TIFF, ..., or a DICOM
+    Part 10 file, recognised by its "DICM" magic as there is no suffix to go by); errors
+    name the image as ``name``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(name, f"expected the bytes of an image file, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise ImageDecodeError(name, "empty (0 bytes)")
+    if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return _load_dicom(io.BytesIO(data), name)
+    return _load_raster(io.BytesIO(data), name)[0]
 
 
 def to_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -135,9 +156,9 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- raster
 
 
-def _load_raster(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+def _load_raster(source: Source, name: Path | str) -> tuple[np.ndarray, tuple[str, ...]]:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.format in ("JPEG", "MPO") and im.mode == "RGB":
                 im.draft("L", im.size)  # decode luma only, at full scale
             im.load()  # raises on truncated data
@@ -149,7 +170,7 @@ def _load_raster(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     except ImageDecodeError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageDecodeError(path, _reason(e)) from e
+        raise ImageDecodeError(name, _reason(e)) from e
 
 
 def _pil_to_gray(im: Image.Image) -> np.ndarray:
@@ -189,26 +210,28 @@ def _as_uint8(img: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _load_dicom(path: Path) -> np.ndarray:
+def _load_dicom(source: Source, name: Path | str) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(source)
         except InvalidDicomError:
-            ds = pydicom.dcmread(path, force=True)  # some writers omit the preamble
+            if not isinstance(source, Path):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)  # some writers omit the preamble
         if "PixelData" not in ds:
-            raise ImageDecodeError(path, "not an image / cannot be decoded (DICOM without pixel data)")
-        arr = _dicom_pixels(path, ds)
+            raise ImageDecodeError(name, "not an image / cannot be decoded (DICOM without pixel data)")
+        arr = _dicom_pixels(name, ds)
         return _dicom_to_gray(ds, arr)
     except (MemoryError, ImageDecodeError):
         raise
     except Exception as e:
-        raise ImageDecodeError(path, _reason(e)) from e
+        raise ImageDecodeError(name, _reason(e)) from e
 
 
-def _dicom_pixels(path: Path, ds) -> np.ndarray:
+def _dicom_pixels(path: Path | str, ds) -> np.ndarray:
     """The stored pixels of the first frame; a compressed file without a decoder plugin gets an install hint."""
     try:
         arr = ds.pixel_array

@@ -1,7 +1,7 @@
 """MLflow tracking of a search: one parent run, one nested child run per Tune trial.
 
-This is the only package of cxrtune that imports MLflow (lazily: importing it costs
-nothing), and it imports no Ray: ``TrialLogger`` holds what the driver-side Tune
+This is the only package of cxrtune that writes to MLflow (importing it costs nothing:
+MLflow is imported lazily; ``cxrtune.serving`` reads models back), and it imports no Ray: ``TrialLogger`` holds what the driver-side Tune
 callback does, and search.py's small ``ray.tune.Callback`` delegates to it.
 
 Tracking never stops a search, and it recovers from outages: every MLflow write goes
@@ -22,11 +22,11 @@ from .common import (COMPLETED, DEFAULT_EXPERIMENT, DEFAULT_URI, ERROR_CHARS, ER
                      LAST_EPOCH_TAG, METRIC_KEYS, METRIC_PREFIXES, NOT_STARTED, PARENT_TAG, RECONCILED_TAG,
                      REGISTERED_TAG, ROLE_TAG, RUNNING, STATUS_TAG, STOPPED_EARLY, TRIAL_ID_TAG, BEST_TRIAL_TAG,
                      flatten, param_value)
-from .tracker import DEFAULT_FINAL_WAIT_S, WAIT_ENV, RunLike, Tracker
+from .tracker import DEFAULT_FINAL_WAIT_S, WAIT_ENV, RunLike, Tracker, using_tracking_uri
 from .trials import TrialLogger, TrialRecord, ended_as, error_text
 from .writer import DONE, FATAL, LOST, REFUSED, TRANSIENT, WAIT, describe_not_logged, failure_kind
 
-__all__ = ["Tracker", "TrialLogger", "TrialRecord", "DEFAULT_URI", "DEFAULT_EXPERIMENT", "flatten",
+__all__ = ["Tracker", "TrialLogger", "using_tracking_uri", "TrialRecord", "DEFAULT_URI", "DEFAULT_EXPERIMENT", "flatten",
            "param_value", "failure_kind", "describe_not_logged", "error_text", "TRIAL_ID_TAG", "STATUS_TAG",
            "LAST_EPOCH_TAG", "ERROR_TAG", "RECONCILED_TAG", "COMPLETED", "STOPPED_EARLY", "FAILED",
            "KILLED", "RUNNING",

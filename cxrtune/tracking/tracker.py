@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 from ..selection import direction
@@ -35,6 +35,9 @@ WAIT_ENV, DEFAULT_FINAL_WAIT_S = "CXRTUNE_MLFLOW_WAIT_S", 15.0
 _RUN_INACTIVE = re.compile(r"run \S+ must be in the 'active' state", re.I)
 _ENV_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+
+if TYPE_CHECKING:  # torch and MLflow's pyfunc are imported only when a model is logged
+    from ..serving.model import ModelPackage, ModelSpec
 
 RunLike = Union[None, str, Ref]
 
@@ -501,15 +504,16 @@ class Tracker:
 
     def log_best(self, parent_id: Optional[str], best_trial_id: str, best_config: Mapping[str, Any],
                  best_metrics: Mapping[str, Any], test_metrics: Mapping[str, Any], confusion: Any,
-                 class_names: Sequence[str], checkpoint_dir: Optional[Path], model: Any,
-                 preprocessing: Mapping[str, Any], register_name: Optional[str] = None
-                 ) -> Optional[str]:
+                 class_names: Sequence[str], checkpoint_dir: Optional[Path], model: Optional["ModelPackage"],
+                 register_name: Optional[str] = None) -> Optional[str]:
         """Log the best trial on the parent run: ``best/`` params and metrics, ``test/``
         metrics, the confusion matrix (JSON + PNG), the checkpoint folder under
-        ``best_checkpoint/``, ``preprocessing.json``, the model as an MLflow PyTorch model
-        named "model" in the search's experiment (registered as ``register_name`` when
-        given). Returns the model URI (``models:/<id>``), or None when it was not logged
-        (yet: during an outage it is queued)."""
+        ``best_checkpoint/``; and ``model`` (a ``serving.model`` package: network and spec),
+        its preprocessing as ``preprocessing.json`` and the model itself as an MLflow pyfunc
+        model named "model" in the search's experiment that applies that preprocessing
+        (registered as ``register_name`` when given). Returns the model URI
+        (``models:/<id>``), or None when it was not logged (yet: during an outage it is
+        queued)."""
         ref = self._run_ref(parent_id)
         self.log_params(ref, {f"best/{k}": v for k, v in flatten(best_config).items()})
         metrics = {(k if k.startswith("best/") else f"best/{k}"): v for k, v in best_metrics.items()}
@@ -518,20 +522,20 @@ class Tracker:
         self.log_metrics(ref, metrics)
         self.set_tags(ref, {BEST_TRIAL_TAG: best_trial_id})
         self._tag_best_child(str(best_trial_id), ref)
-        prep = jsonable(dict(preprocessing))
         # Files live as long as the tracker: a write queued during an outage sends them later.
         tmpdir = Path(tempfile.mkdtemp(dir=self._spool_dir()))
         if confusion is not None:
             self._log_confusion(ref, confusion, class_names, tmpdir)
-        prep_file = tmpdir / "preprocessing.json"
-        prep_file.write_text(json.dumps(prep, indent=2))
-        self.log_path(ref, prep_file)
         if checkpoint_dir is not None:
             self.log_path(ref, Path(checkpoint_dir), artifact_path="best_checkpoint")
         if model is None:
             return None
+        prep_file = tmpdir / "preprocessing.json"
+        prep_file.write_text(json.dumps(jsonable(model.spec.preprocessing.to_dict()), indent=2))
+        self.log_path(ref, prep_file)
+        artifacts = model.write(tmpdir / "model")
         model_ref = Ref("the best model")
-        self._write(Op("log the best model", lambda: self._log_model(ref.id, model, prep, prep_file),
+        self._write(Op("log the best model", lambda: self._log_model(ref.id, model.spec, artifacts),
                        ref.label, "model", refs=(self._exp, ref), then=model_ref.setter(),
                        creates=model_ref))
         if register_name:
@@ -599,14 +603,12 @@ class Tracker:
             return
         self.log_path(run, png)
 
-    def _log_model(self, run_id: str, model: Any, prep: dict[str, Any], prep_file: Path) -> str:
-        import copy
+    def _log_model(self, run_id: str, spec: "ModelSpec", artifacts: dict[str, str]) -> str:
+        import mlflow.pyfunc
+        from mlflow.models import Model
 
-        import mlflow.pytorch
+        from ..serving.model import pyfunc_log_arguments
 
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            model = copy.deepcopy(model).cpu()
-        model.eval()
         # The logged model is created here, in the search's experiment: left to itself,
         # log_model puts it in the fluent API's current experiment, "Default" (id 0),
         # since no run is active in the fluent API.
@@ -614,13 +616,13 @@ class Tracker:
         logged = c.create_logged_model(self._exp.id, name="model", source_run_id=run_id,
                                        params={k: str(v) for k, v in c.get_run(run_id).data.params.items()})
         with self._fluent():
-            info = mlflow.pytorch.log_model(
-                model, name="model", run_id=run_id, model_id=logged.model_id,
+            # Model.log (what mlflow.pyfunc.log_model calls) takes the run id, which links the
+            # model to the parent run as its output; log_model itself would need an active run.
+            info = Model.log(
+                artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                 # Given explicitly, so MLflow does not infer requirements (slow, needs the network).
                 pip_requirements=_requirements(),
-                serialization_format="pickle",  # 3.17's default 'pt2' needs an input example
-                metadata={"preprocessing": prep},
-                extra_files=[str(prep_file)],
+                **pyfunc_log_arguments(artifacts, spec),
             )
         return info.model_uri
 
@@ -638,7 +640,7 @@ class Tracker:
     @contextlib.contextmanager
     def _fluent(self) -> Iterator[None]:
         """The fluent API pointed at this tracker's URI, with the artifact timeout."""
-        with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(self.artifact_timeout_s)), _tracking_uri(self.uri):
+        with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(self.artifact_timeout_s)), using_tracking_uri(self.uri):
             yield
 
     # ---------------------------------------------------------- the rest
@@ -713,8 +715,9 @@ def _env(**values: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point the fluent API at ``uri`` for a moment (restored afterwards)."""
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point the fluent API at ``uri`` for a moment (restored afterwards); the model
+    registry follows it unless a registry URI of its own was set."""
     import mlflow
 
     try:
@@ -728,11 +731,13 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _requirements() -> list[str]:
-    """Pinned torch/torchvision/numpy of this environment (no inference, no network)."""
+    """Pinned versions, in this environment, of what the served model imports besides
+    cxrtune itself (no inference, no network). cxrtune is not on a package index: it is
+    installed where the model is served (``--env-manager local``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in ("torch", "torchvision", "numpy"):
+    for name in ("torch", "torchvision", "numpy", "pandas", "opencv-python-headless", "pillow", "pydicom"):
         try:
             out.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
