@@ -325,5 +325,27 @@ def predict_cmd(
         raise typer.Exit(1)
 
 
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="models:/NAME/VERSION (a search registers "
+                                                         "cxrtune-best), runs:/RUN_ID/model, or a model folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="The port (0: a free one, shown in the log)."),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", help="The largest upload accepted, in MB per "
+                                                                     "request."),
+    cams: bool = typer.Option(True, "--cam/--no-cam", help="Show a Grad-CAM overlay beside each prediction."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="The MLflow a models:/ or runs:/ URI "
+                                                                            "is read from (default: "
+                                                                            "sqlite:///mlflow.db here)."),
+) -> None:
+    """A web page where you upload chest X-rays (PNG, JPEG, DICOM) and see each one's class
+    probabilities and Grad-CAM overlay, by a model a search logged (a research tool, not a
+    diagnostic device). Also POST /api/predict (JSON) and GET /health."""
+    from .serving.web import ServeConfig, serve
+
+    run(serve, ServeConfig(model=model, host=host, port=port, max_upload_mb=max_upload_mb, cams=cams,
+                           tracking_uri=tracking_uri))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -4,6 +4,7 @@ search tests share (a tiny demo space, an isolated working folder)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -87,6 +88,18 @@ def _healthy(uri: str) -> bool:
 # A tiny version of the demo space: 32 px, a few batches per epoch.
 TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
         "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+
+
+def cxrtune(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`cxrtune ARGS` in a subprocess, as a user runs it in ``cwd`` (its own data home)."""
+    env = {**os.environ, "CXRTUNE_HOME": str(cwd / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
 def isolate(tmp_path: Path, monkeypatch) -> None:

@@ -25,30 +25,9 @@ from PIL import Image
 from cxrtune.data.decode import load_gray
 from cxrtune.data.labels import SCHEMES
 from cxrtune.metrics import scheme_metrics
-from servers import TINY, free_port, kill_group, parent_and_children
+from servers import cxrtune, free_port, json_lines, kill_group, parent_and_children
 
 MODEL = "models:/cxrtune-best/1"
-
-
-def cxrtune(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CXRTUNE_HOME": str(cwd / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    """The tiny demo search, run once as a user runs it: (its folder, its summary)."""
-    cwd = tmp_path_factory.mktemp("predict")
-    sets = [a for s in [*TINY, "search.num_samples=2", "fixed.loop.epochs=2"] for a in ("--set", s)]
-    proc = cxrtune(cwd, "search", "demo", "--json", *sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")

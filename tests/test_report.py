@@ -7,11 +7,9 @@ search whose every trial failed."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
-from servers import TINY, parent_and_children
+from servers import cxrtune, parent_and_children
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAILING_GRID = """
@@ -32,23 +30,6 @@ space:
   optimizer.lr: {choice: [1.0e+30, 1.0e+31]}
 search: {algorithm: grid}
 """
-
-
-def cxrtune(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CXRTUNE_HOME": str(cwd / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    """The tiny demo search, run once as a user runs it, with its summary."""
-    cwd = tmp_path_factory.mktemp("report")
-    sets = [a for s in [*TINY, "search.num_samples=4", "fixed.loop.epochs=3"] for a in ("--set", s)]
-    proc = cxrtune(cwd, "search", "demo", "--json", *sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, json.loads(proc.stdout)
 
 
 def test_a_finished_search_logs_its_figures_and_intervals_to_mlflow(searched):

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -308,8 +308,8 @@ def embeddings(model: nn.Module, backbone: str, loader_or_batches: Iterable[Any]
 # ---------------------------------------------------------------- figures
 
 
-def overlay_png(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: Path | str,
-                cols: int = 4) -> Path:
+def overlay_png(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: Path | str | BinaryIO,
+                cols: int = 4) -> Path | BinaryIO:
     """A grid of grayscale ``images`` (uint8 (N, H, W)) with ``maps`` ((N, h, w) in
     [0, 1], stretched over the image) drawn on top in jet at ``OVERLAY_ALPHA``, each
     under its title (e.g. "true viral / pred bacterial 0.71")."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
@@ -42,9 +42,11 @@ def new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def save_png(fig: Any, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(fig: Any, path: Path | str | BinaryIO) -> Path | BinaryIO:
+    """Save ``fig`` as a PNG file (its folder made) or into a binary stream."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
 

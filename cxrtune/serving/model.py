@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from .images import IMAGE_COLUMN, PATH_COLUMN, NamedImage, gray_of, images_of, m
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "SPEC_ARTIFACT", "WEIGHTS_ARTIFACT", "PREDICTED",
-           "BATCH_PARAM", "Preprocessing", "ModelSpec", "ModelPackage", "Classifier", "CXRClassifier", "spec_of",
+           "BATCH_PARAM", "Preprocessing", "Prepared", "ModelSpec", "ModelPackage", "Classifier", "CXRClassifier", "spec_of",
            "signature", "input_example", "pyfunc_log_arguments"]
 
 FORMAT_VERSION = 1  # of cxrtune_model.json; bump when its meaning changes
@@ -141,6 +141,13 @@ class ModelPackage:
         return {WEIGHTS_ARTIFACT: str(directory / WEIGHTS_FILE), SPEC_ARTIFACT: str(directory / SPEC_FILE)}
 
 
+class Prepared(NamedTuple):
+    """An image ready for the network, and what a user should know about it."""
+
+    pixels: np.ndarray  # uint8 (S, S)
+    note: Optional[str] = None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
@@ -181,16 +188,18 @@ class Classifier:
     def image_size(self) -> int:
         return self.spec.preprocessing.image_size
 
-    def prepare(self, image: NamedImage) -> np.ndarray:
-        """The image as the trial saw it: uint8 (S, S) after decode, square crop and CXR-Norm.
-        Raises a DataError naming the image when it cannot be decoded."""
+    def prepare(self, image: NamedImage) -> Prepared:
+        """The image as the trial saw it: uint8 (S, S) after decode, square crop and CXR-Norm,
+        and a caveat when there is one (logged too). Raises a DataError naming the image
+        when it cannot be decoded."""
         prep = self.spec.preprocessing
         gray = gray_of(image)
+        note = None
         if min(gray.shape) < prep.image_size:
-            log.warning("%s is %dx%d px, smaller than the model's %d px input: upscaled, so blurrier than the "
-                        "images the model learnt from; its prediction is less reliable", image.name,
-                        gray.shape[1], gray.shape[0], prep.image_size)
-        return model_image(gray, prep.image_size, prep.cxrnorm)
+            note = (f"{gray.shape[1]}x{gray.shape[0]} px, smaller than the model's {prep.image_size} px input: "
+                    "upscaled, so blurrier than the images the model learnt from; its prediction is less reliable")
+            log.warning("%s is %s", image.name, note)
+        return Prepared(model_image(gray, prep.image_size, prep.cxrnorm), note)
 
     def inputs(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, 1, S, S) float inputs, by the evaluation transform (as ``CachedImages`` feeds it)."""
@@ -225,7 +234,7 @@ def prepare_all(classifier: Classifier, images: Sequence[NamedImage]) -> tuple[l
     prepared, errors = [], []
     for image in images:
         try:
-            prepared.append(classifier.prepare(image))
+            prepared.append(classifier.prepare(image).pixels)
         except DataError as exc:
             errors.append(str(exc))
     return prepared, errors

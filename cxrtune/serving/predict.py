@@ -13,17 +13,17 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .model import SPEC_ARTIFACT, Classifier
+from .model import SPEC_ARTIFACT, Classifier, Prepared
 from .images import NamedImage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "PredictedImage", "Predictions", "load_classifier", "image_files", "predict_images"]
+__all__ = ["IMAGE_SUFFIXES", "Answer", "PredictedImage", "Predictions", "answers", "load_classifier", "image_files", "predict_images"]
 
 # What a folder walk takes as images (a file named on the command line is tried whatever its name).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
@@ -173,43 +173,67 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _prepared(classifier: Classifier, path: Path) -> tuple[Optional[np.ndarray], Optional[str]]:
+@dataclass(frozen=True, eq=False)
+class Answer:
+    """The model's answer for one image (``answers``): its probabilities and predicted
+    class, or why it has none; with ``cams``, the image as the model saw it and the
+    Grad-CAM map of the predicted class."""
+
+    name: str
+    probabilities: Optional[dict[str, float]] = None
+    predicted: Optional[str] = None
+    error: Optional[str] = None
+    note: Optional[str] = None  # a caveat, e.g. an image smaller than the model's input
+    image: Optional[np.ndarray] = None  # uint8 (S, S), after CXR-Norm
+    cam: Optional[np.ndarray] = None  # (S, S) in [0, 1]
+
+    def overlay(self, out: Path | BinaryIO) -> None:
+        """The Grad-CAM map over the image the model saw, as one PNG (a file or a stream)."""
+        from ..report.explain import overlay_png
+
+        title = f"{Path(self.name).name}\npred {self.predicted} {self.probabilities[self.predicted]:.2f}"
+        overlay_png(self.image[None], self.cam[None], [title], out, cols=1)
+
+
+def _prepared(classifier: Classifier, image: NamedImage) -> tuple[Optional[Prepared], Optional[str]]:
     """(the image as the model takes it, None), or (None, why it cannot be read)."""
     try:
-        return classifier.prepare(NamedImage(str(path), path)), None
+        return classifier.prepare(image), None
     except DataError as exc:
         return None, getattr(exc, "reason", str(exc))
 
 
-def _predicted(classifier: Classifier, files: Sequence[Path], cams: Sequence[str], size: int,
-               cam_dir: Optional[Path]) -> Iterator[PredictedImage]:
-    """Answers in file order, ``size`` images per forward pass."""
-    for chunk in _chunks(list(zip(files, cams)), size):
-        items = [(path, cam, *_prepared(classifier, path)) for path, cam in chunk]
-        images = [image for _, _, image, _ in items if image is not None]
-        probs = classifier.probabilities(images, size)
+def answers(classifier: Classifier, images: Sequence[NamedImage], size: int, cams: bool = False
+            ) -> Iterator[Answer]:
+    """One answer per image, in order, ``size`` images per forward pass (what `cxrtune
+    predict` and `cxrtune serve` both show)."""
+    for chunk in _chunks(images, size):
+        items = [(named, *_prepared(classifier, named)) for named in chunk]
+        prepared = [ready.pixels for _, ready, _ in items if ready is not None]
+        probs = classifier.probabilities(prepared, size)
         predicted = probs.argmax(1)
-        maps = classifier.gradcam(images, predicted.tolist()) if cam_dir is not None and images else None
+        maps = classifier.gradcam(prepared, predicted.tolist()) if cams and prepared else None
         k = 0
-        for path, cam, image, error in items:
-            if image is None:
-                yield PredictedImage(str(path), error=error)
+        for named, ready, error in items:
+            if ready is None:
+                yield Answer(named.name, error=error)
                 continue
-            cls = classifier.classes[predicted[k]]
-            written = None
-            if maps is not None:
-                title = f"{path.name}\npred {cls} {probs[k, predicted[k]]:.2f}"
-                written = str(_overlay(image, maps[k], title, cam_dir / cam))
-            yield PredictedImage(str(path), {c: float(p) for c, p in zip(classifier.classes, probs[k])}, cls,
-                                 cam=written)
+            yield Answer(named.name, {c: float(p) for c, p in zip(classifier.classes, probs[k])},
+                         classifier.classes[predicted[k]], note=ready.note, image=ready.pixels,
+                         cam=None if maps is None else maps[k])
             k += 1
 
 
-def _overlay(image: np.ndarray, cam: np.ndarray, title: str, path: Path) -> Path:
-    """The Grad-CAM map over the image the model saw (after CXR-Norm), as one PNG."""
-    from ..report.explain import overlay_png
-
-    return overlay_png(image[None], cam[None], [title], path, cols=1)
+def _predicted(classifier: Classifier, files: Sequence[Path], size: int,
+               cam_dir: Optional[Path]) -> Iterator[PredictedImage]:
+    """`cxrtune predict`'s answers, each overlay written to ``cam_dir``."""
+    named = [NamedImage(str(path), path) for path in files]
+    for answer, cam in zip(answers(classifier, named, size, cam_dir is not None), _cam_names(files)):
+        written = None
+        if answer.cam is not None:
+            answer.overlay(cam_dir / cam)
+            written = str(cam_dir / cam)
+        yield PredictedImage(answer.name, answer.probabilities, answer.predicted, answer.error, written)
 
 
 def predict_images(model: str, targets: Sequence[Path], *, tracking_uri: Optional[str] = None,
@@ -228,4 +252,4 @@ def predict_images(model: str, targets: Sequence[Path], *, tracking_uri: Optiona
         except OSError as exc:
             raise ConfigError(f"--cam {cam_dir}: cannot create the folder ({exc.strerror or exc})") from None
     size = batch_size or classifier.spec.batch_size
-    return Predictions(model, classifier.classes, _predicted(classifier, files, _cam_names(files), size, cam_dir))
+    return Predictions(model, classifier.classes, _predicted(classifier, files, size, cam_dir))

@@ -1,0 +1,21 @@
+"""Fixtures several test files share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from servers import TINY, cxrtune
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory):
+    """The tiny demo search, run once as a user runs it (a subprocess, its own folder):
+    (its folder, its JSON summary). The report, predict and serve tests read what it
+    left: MLflow runs, the registered ``cxrtune-best``, the report bundle, optuna.db."""
+    cwd = tmp_path_factory.mktemp("demo-search")
+    sets = [a for s in [*TINY, "search.num_samples=4", "fixed.loop.epochs=3"] for a in ("--set", s)]
+    proc = cxrtune(cwd, "search", "demo", "--json", *sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, json.loads(proc.stdout)
