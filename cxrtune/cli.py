@@ -118,21 +118,28 @@ def data_inspect(source: Optional[str] = SOURCE, root: Optional[str] = ROOT, tas
                  val_fraction: Optional[float] = VAL_FRACTION, test_fraction: Optional[float] = TEST_FRACTION,
                  cache_dir: Optional[str] = CACHE, workers: Optional[int] = WORKERS,
                  min_similarity: float = typer.Option(0.99, "--min-similarity", help="Near-duplicate threshold: cosine similarity of perceptual signatures."),
+                 write_exclusions: Optional[Path] = typer.Option(
+                     None, "--write-exclusions", metavar="FILE",
+                     help="Write the images that look off (tinted, extreme aspect ratio, near-blank) "
+                          "to FILE, a list data.exclude reads: they are then kept out of training only."),
                  as_json: bool = JSON) -> None:
     """Audit a dataset: class counts per split, patients, fine labels, what the task drops and
-    why, image sizes, unreadable files, near-duplicates, and the problems that would stop or
-    bias training. Builds no image cache.
+    why, image sizes, unreadable files, near-duplicates (and what data.dedupe does with them),
+    images that look off, and the problems that would stop or bias training. Builds no image
+    cache.
 
     Exit codes: 0 report printed; 1 report printed and leakage found (one file in two splits,
     classes or patients, or near-duplicates across splits); 2 bad arguments or no dataset.
     """
-    from .data.inspect import inspect_data
+    from .data.inspect import inspect_data, write_looks_off
     from .report_text import render_inspect
 
     cfg = data_config(source=source, root=root, task=task, image_size=image_size, split_seed=split_seed,
                       resplit_test=resplit_test, min_class_count=min_class_count, cache_dir=cache_dir,
                       workers=workers, val_fraction=val_fraction, test_fraction=test_fraction)
     result = run(inspect_data, cfg, min_similarity=min_similarity, progress=not as_json)
+    if write_exclusions is not None:
+        result["exclusions_file"] = str(run(write_looks_off, result, write_exclusions))
     emit(result, as_json, render_inspect)
     if result["leakage"]:
         raise typer.Exit(1)
@@ -238,6 +245,8 @@ def search_cmd(
     space: str = typer.Argument(..., help="Search-space YAML, or a bundled space's name (e.g. demo, cxrnorm)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:10001, host:6379); default: RAY_ADDRESS or a local Ray."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search; finished trials are not re-run."),
+    test_front: bool = typer.Option(False, "--test-front", help="With several search.objectives: score every "
+                                                                "Pareto-front trial on the test split too."),
     debug: bool = typer.Option(False, "--debug", help="Run one trial of the space in-process, without Ray."),
     overrides: list[str] = typer.Option([], "--set", help="Override a value: --set search.num_samples=4 --set fixed.loop.epochs=3"),
     as_json: bool = JSON,
@@ -258,7 +267,7 @@ def search_cmd(
             f"debug trial at {r['point']}: {r['epochs']} epochs, {r['select_metric']} {r['best']:.4f}; "
             f"results in {r['output_dir']}"))
         return
-    summary = run(run_search, spec, address=address, resume=resume)
+    summary = run(run_search, spec, address=address, resume=resume, test_front=test_front)
     emit(summary, as_json, render_search)
 
 

@@ -23,6 +23,7 @@ import yaml
 # the components' light modules: configs (and so `cxrtune validate`) never import torch
 from .data.augment_config import AugmentConfig
 from .data.cxrnorm_config import CXRNormConfig
+from .data.dedupe import DEDUPE_MODE_NAMES, DEDUPE_MODES
 from .data.labels import SCHEMES
 from .data.sampler_names import SAMPLERS
 from .data.sources import SOURCES
@@ -63,6 +64,12 @@ class DataConfig:
     # CXR-Norm results memoised on disk beside the cache (CPU trials): least recently used
     # ones go beyond this many GB, so a long search's disk does not grow with its trials.
     memo_budget_gb: float = 20.0
+    # Near-duplicate groups (the same radiograph filed twice): off | within_split |
+    # across_splits (no group spans two splits) | all (one image per group); see data/dedupe.py.
+    dedupe: str = "across_splits"
+    # A text or CSV list of file names or globs removed from training only (never from
+    # val/test); see data/exclusions.py and `cxrtune data inspect --write-exclusions`.
+    exclude: str | None = None
 
     def resolved_root(self) -> Path:
         if self.root is not None:
@@ -103,6 +110,14 @@ class DataConfig:
             problems.append(f"{where}.workers={self.workers}: must be >= 0 (0 = all cores)")
         if self.memo_budget_gb < 0:
             problems.append(f"{where}.memo_budget_gb={self.memo_budget_gb}: must be >= 0 (0 = keep no memo files)")
+        if self.dedupe not in DEDUPE_MODES:
+            problems.append(f"{where}.dedupe={self.dedupe!r}: unknown mode; valid modes: "
+                            f"{', '.join(DEDUPE_MODE_NAMES)} (default across_splits)")
+        if self.exclude is not None and not Path(self.exclude).expanduser().is_file():
+            problems.append(f"{where}.exclude={self.exclude!r}: file {Path(self.exclude).expanduser()} does "
+                            "not exist; fix: give the path of a text or CSV list of file names (e.g. one "
+                            "written by `cxrtune data inspect --write-exclusions FILE`), or leave "
+                            f"{where}.exclude unset")
         if problems:
             raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))
 
@@ -142,6 +157,10 @@ class LoopConfig:
     gpu_share: float = 1.0  # of the GPU this run may fill with its images (a search sets its trials' share)
     max_train_batches: int = 0  # cap per epoch (0 = all); --debug sets it
     max_eval_batches: int = 0
+    # Measure the model's cost (parameters, FLOPs, latency as the median of this many timed
+    # passes; cost.py) and report it with every epoch; 0 = off. A search whose objectives or
+    # selection rule name a cost metric turns it on.
+    cost_repeats: int = 0
 
     def validate(self, where: str = "loop") -> None:
         problems = []
@@ -152,7 +171,8 @@ class LoopConfig:
             resolve_mode(self.select_metric, self.select_mode, f"{where}.select_mode")
         except ConfigError as exc:
             problems.append(str(exc))
-        for name in ("early_stopping_patience", "num_workers", "max_train_batches", "max_eval_batches"):
+        for name in ("early_stopping_patience", "num_workers", "max_train_batches", "max_eval_batches",
+                     "cost_repeats"):
             if getattr(self, name) < 0:
                 problems.append(f"{where}.{name}={getattr(self, name)}: must be >= 0")
         if self.grad_clip < 0 or self.aux_loss_weight < 0:

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from .atomic import replacing_dir
 from .config import TrialConfig, from_dict, to_dict
+from .cost import measure_costs
+from .cost_names import TRAIN_S
 from .data.augment import eval_transform, train_transform
 from .data.cxrnorm import normalized
 from .data.augment_batch import BatchAugment
@@ -509,6 +511,7 @@ RESUME_MAY_DIFFER = frozenset({
     "loop.max_train_batches", "loop.max_eval_batches",  # --debug's caps
     "loop.num_workers",  # sampling and augmentation are seeded per image, not per worker
     "loop.eval_batch_size",  # evaluation only
+    "loop.cost_repeats",  # measuring only
     "loop.device",  # where it runs
     "loop.gpu_share",  # where the images are held, not what is computed
     "loop.select_mode",  # must agree with loop.select_metric, which is compared
@@ -607,13 +610,24 @@ def _epoch(s: Setup, cfg: TrialConfig, data: PreparedData, epoch: int) -> dict[s
             "time/train_s": train_s, "time/epoch_s": time.perf_counter() - start}
 
 
+def _costs(s: Setup, cfg: TrialConfig, data: PreparedData, device: torch.device) -> dict[str, float]:
+    """The model's cost metrics (cost.py) when ``loop.cost_repeats`` asks for them."""
+    if not cfg.loop.cost_repeats:
+        return {}
+    costs = measure_costs(s.model, cfg, data.cache.size, device, cfg.loop.cost_repeats)
+    log.info("cost: %s", ", ".join(f"{k} {v:.4g}" for k, v in costs.items()))
+    return costs
+
+
 def fit(cfg: TrialConfig, data: PreparedData, report: Optional[Report] = None, *,
         workdir: Path, resume: Optional[Path] = None, device: Optional[torch.device] = None,
-        allow_changes: bool = False) -> Progress:
+        allow_changes: bool = False, until: Optional[int] = None) -> Progress:
     """Train ``cfg`` on ``data``; after every epoch write a checkpoint to
     ``workdir/checkpoint`` and call ``report(metrics, that_dir)``. With ``resume``,
     continue exactly where that checkpoint left off; its config must equal ``cfg``
-    (but for RESUME_MAY_DIFFER) unless ``allow_changes``."""
+    (but for RESUME_MAY_DIFFER) unless ``allow_changes``. ``until``: stop once this many
+    epochs are done (of ``loop.epochs``, which the schedule is sized by), to be resumed
+    later, as cross-validation steps its folds epoch by epoch (cv.py)."""
     state = read_checkpoint(resume) if resume else None
     if state is not None:
         check_resume_config(resume, state, cfg, allow_changes)
@@ -623,9 +637,13 @@ def fit(cfg: TrialConfig, data: PreparedData, report: Optional[Report] = None, *
     if resume:
         log.info("resumed from %s after epoch %d", resume, progress.epoch)
     best = BestSoFar(cfg.loop.select_metric, cfg.loop.mode, progress.best, progress.best_epoch)
+    costs = _costs(s, cfg, data, device)
     ckpt_dir = Path(workdir) / "checkpoint"
-    for epoch in range(progress.epoch, cfg.loop.epochs):
+    for epoch in range(progress.epoch, min(cfg.loop.epochs, until or cfg.loop.epochs)):
         metrics = _epoch(s, cfg, data, epoch)
+        if costs:
+            train_s = sum(m["time/train_s"] for m in progress.history) + metrics["time/train_s"]
+            metrics.update({**costs, TRAIN_S: train_s})
         value = metrics[cfg.loop.select_metric]
         if best.update(value, epoch + 1):
             progress.best, progress.best_epoch, progress.stale_epochs = best.value, best.step, 0

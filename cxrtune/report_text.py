@@ -48,13 +48,45 @@ def render_inspect(r: dict[str, Any]) -> None:
                   f"{len(r['cross_split_duplicates'])} crossing splits (leakage)[/] "
                   f"(signatures from {r['signatures_from']})")
     for g in r["cross_split_duplicates"][:10]:
-        console.print("  " + "  ==  ".join(g))
+        console.print("  " + "  ==  ".join(g), markup=False)
+    plan = r.get("dedupe")
+    if plan and r["duplicate_groups"]:
+        console.print(f"before training, data.dedupe={plan['mode']} moves {plan['moved']} and removes "
+                      f"{plan['removed']} of these images (data.dedupe: off | within_split | "
+                      "across_splits | all)", markup=False)
+    _render_looks_off(r)
     if r["problems"]:
         console.print(f"[red]{len(r['problems'])} problem(s):[/]")
         for problem in r["problems"]:
             console.print(f"  - {problem}", markup=False)
     else:
         console.print("[green]no problems found[/]")
+
+
+_LOOKS_OFF_TITLES = {"tinted": "tinted (colour channels differ)", "extreme_aspect": "extreme aspect ratio",
+                     "near_blank": "near-blank"}
+
+
+def _render_looks_off(r: dict[str, Any]) -> None:
+    """`data inspect`: the images that look off, by kind, and how to keep them out of training."""
+    found = r.get("looks_off") or {}
+    total = sum(len(v) for v in found.values())
+    if not total:
+        console.print("[green]no image looks off[/] (tint, aspect ratio, blank)")
+    else:
+        console.print(f"[yellow]{total} finding(s) of images that look off:[/] " + ", ".join(
+            f"{_LOOKS_OFF_TITLES[k]} {len(v)}" for k, v in found.items() if v))
+        for kind, items in found.items():
+            for item in items[:10]:
+                console.print(f"  {_LOOKS_OFF_TITLES[kind]}: {item['name']}", markup=False)
+            if len(items) > 10:
+                console.print(f"  ... and {len(items) - 10} more {_LOOKS_OFF_TITLES[kind]}", markup=False)
+    if r.get("exclusions_file"):
+        console.print(f"exclusion list written to {r['exclusions_file']}: set data.exclude to it to keep "
+                      "these images out of training (val and test keep them)", markup=False, soft_wrap=True)
+    elif total:
+        console.print("  --write-exclusions FILE writes them as a list for data.exclude (training only)",
+                      markup=False)
 
 
 def render_prepared(r: dict[str, Any]) -> None:
@@ -91,12 +123,21 @@ def render_search(r: dict[str, Any]) -> None:
     trials = r["trials"][:TOP_TRIALS]
     shown = "every trial" if len(trials) == len(r["trials"]) else f"top {len(trials)} of {len(r['trials'])} trials"
     table = Table(title=f"search {r['name']}: {shown} by {r['metric']} ({r['mode']}, best epoch)")
-    for col in ("trial", "status", "epochs", r["metric"], "config / error"):
+    pareto = r.get("pareto") or {}
+    others = [o["metric"] for o in pareto.get("objectives", [])[1:]]
+    for col in ("trial", "status", "epochs", r["metric"], *others, *(["front"] if pareto else []), "config / error"):
         table.add_column(col)
     for t in trials:
         best = "-" if t["best"] is None else f"{t['best']:.4f}"
-        table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, t["error"] or _config_text(t["config"]))
+        extra = [_number_text((t.get("values") or {}).get(m)) for m in others]
+        if pareto:
+            extra.append(("*" if t["trial_id"] in pareto["front"] else "")
+                         + (" tested" if t["trial_id"] == pareto["selected"] else ""))
+        table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, *extra,
+                      t["error"] or _config_text(t["config"]))
     console.print(table)
+    if pareto:
+        _render_front(pareto)
     c = r["counts"]
     console.print(f"{r['n_trials']} trials: {c['completed']} completed, {c['stopped_early']} stopped early by "
                   f"the scheduler, {c['failed']} failed" + (f", {c['not_started']} never started"
@@ -130,6 +171,22 @@ def render_search(r: dict[str, Any]) -> None:
             if "n_checkpoints" in r else "")
     console.print(f"Tune results: {r['experiment_dir']} ({_size(disk['results'])}{kept}; image cache and "
                   f"CXR-Norm memo {_size(disk['cache'])})", soft_wrap=True)
+
+
+def _number_text(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _render_front(pareto: dict[str, Any]) -> None:
+    """The Pareto front, the rule's choice and, after --test-front, each member's test scores."""
+    names = ", ".join(f"{o['metric']} ({o['mode']})" for o in pareto["objectives"])
+    console.print(f"Pareto front on {names}: {len(pareto['front'])} trial(s) ({', '.join(pareto['front'])}); "
+                  f"tested and registered: {pareto['selected']}, {pareto['reason']}")
+    tests = pareto.get("front_test") or {}
+    if len(tests) > 1:
+        keys = [k for k in ("test/f1_macro", "test/accuracy", "test/roc_auc_macro") if k in next(iter(tests.values()))]
+        for trial, metrics in tests.items():
+            console.print(f"  front trial {trial}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
 
 
 def render_predictions(model: str, classes: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:

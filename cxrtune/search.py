@@ -33,11 +33,13 @@ from .config import DataConfig
 from .data.cache import ImageCache
 from .data.labels import SCHEMES
 from .data.pipeline import PreparedData, prepare_data
-from .engine import CHECKPOINT_FILE, evaluate_checkpoint, fit
+from .cv import evaluate_ensemble, fit_cv, is_cv_checkpoint, refit_and_evaluate
+from .engine import CHECKPOINT_FILE, evaluate_checkpoint, fit, read_checkpoint
 from .errors import ConfigError, SearchFailed, SearchInterrupted
 from .logs import quiet_libraries
-from .selection import best_index, rank_key
-from .space import SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
+from .pareto import choose
+from .selection import best_index, direction, rank_key
+from .space import SearchSettings, SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
 # what became of a trial: the words the MLflow child runs carry too
 from .tracking import (COMPLETED, FAILED, NOT_STARTED, STOPPED_EARLY, Tracker, TrialLogger, TrialRecord,
                        ended_as, error_text, flatten)
@@ -84,17 +86,21 @@ class SharedData:
     split_path: str
     data_cfg: DataConfig
     dropped: dict
+    removed: tuple = ()
+    removed_path: Optional[str] = None
 
     @classmethod
     def of(cls, data: PreparedData) -> "SharedData":
         c = data.cache
         return cls(np.asarray(c.images), c.fingerprint, c.size, str(c.directory), c.paths, data.split,
-                   str(data.split_path), data.cfg, data.dropped)
+                   str(data.split_path), data.cfg, data.dropped, data.removed,
+                   str(data.removed_path) if data.removed_path else None)
 
     def prepared(self) -> PreparedData:
         cache = ImageCache(self.fingerprint, self.size, Path(self.cache_dir), self.paths, (), self.images)
         return PreparedData(self.data_cfg, SCHEMES.get(self.data_cfg.task), self.split,
-                            Path(self.split_path), cache, self.dropped)
+                            Path(self.split_path), cache, self.dropped, (), self.removed,
+                            Path(self.removed_path) if self.removed_path else None)
 
 
 # ------------------------------------------------------------------ the trainable
@@ -206,24 +212,47 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
     data = shared.prepared()
     node = ray.get_runtime_context().get_node_id()
     patience = cfg.loop.early_stopping_patience
+    # the other objectives, as Optuna is told them: their values at the trial's best epoch
+    others = [o.metric for o in spec.objectives[1:]]
+    at_best: dict[str, float] = {}
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         stale = metrics["epoch"] - metrics["best_epoch"]
         best = metrics["best"]  # None while every epoch's value was NaN
-        tune.report({**metrics, searched_metric(spec.metric): float("nan") if best is None else best, "node_id": node,
+        if metrics["best_epoch"] == metrics["epoch"]:
+            at_best.update({m: metrics.get(m, float("nan")) for m in others})
+        searched = {searched_metric(m): at_best.get(m, float("nan")) for m in others}
+        tune.report({**metrics, searched_metric(spec.metric): float("nan") if best is None else best, **searched,
+                     "node_id": node,
                      # the trial ends itself (early stopping): not a trial the scheduler pruned
                      "early_stopped": float(bool(patience) and stale >= patience)},
                     checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with tempfile.TemporaryDirectory(prefix="cxrtune-trial-") as work:
         resume = _restore_checkpoint(folder, Path(work))
+        if resume is not None and others:
+            at_best.update(_values_at_best_epoch(resume, others))
         try:
-            fit(cfg, data, report, workdir=Path(work) / "run", resume=resume)
+            if spec.search.cv:
+                fit_cv(cfg, data, report, workdir=Path(work) / "run", resume=resume)
+            else:
+                fit(cfg, data, report, workdir=Path(work) / "run", resume=resume)
         except RETRYABLE:
             raise
         except Exception as exc:
             folder.mark_failed(f"{type(exc).__name__}: {exc}")
             raise
+
+
+def _values_at_best_epoch(checkpoint: Path, metrics: list[str]) -> dict[str, float]:
+    """``metrics`` at the best epoch so far of a restored trial (its checkpoint's history)."""
+    if is_cv_checkpoint(checkpoint):  # the folds' means are not kept: the latest value stands in
+        return {}
+    progress = read_checkpoint(checkpoint)["progress"]
+    if progress["best_epoch"] < 1:
+        return {}
+    epoch = progress["history"][progress["best_epoch"] - 1]
+    return {m: float(epoch.get(m, float("nan"))) for m in metrics}
 
 
 class TrialFailed(RuntimeError):
@@ -283,8 +312,14 @@ def _search_alg(spec: SearchSpec) -> tuple[Any, int, Optional[dict]]:
         points = grid_points(spec)
         log.info("grid search: %d points (search.num_samples is ignored)", len(points))
         return None, 1, {"point": tune.grid_search(points)}
-    alg = TrialSearcher(space=define_by_run(spec), metric=searched_metric(spec.metric), mode=spec.mode,
-                            sampler=optuna_sampler(spec), max_epochs=spec.max_epochs)
+    objectives = spec.objectives
+    if spec.multi_objective:  # Optuna learns the front; ASHA (TuneConfig's metric) the first objective
+        metric: Any = [searched_metric(o.metric) for o in objectives]
+        mode: Any = [o.mode for o in objectives]
+    else:
+        metric, mode = searched_metric(spec.metric), spec.mode
+    alg = TrialSearcher(space=define_by_run(spec), metric=metric, mode=mode, sampler=optuna_sampler(spec),
+                        max_epochs=spec.max_epochs)
     return alg, spec.search.num_samples, None
 
 
@@ -572,11 +607,13 @@ def _start_tracking(spec: SearchSpec, data: PreparedData, state: dict) -> tuple[
               "num_samples": spec.search.num_samples, "max_concurrent": spec.search.max_concurrent,
               "max_epochs": spec.max_epochs, "seed": spec.search.seed,
               "source": data.cfg.source, "task": data.cfg.task, "image_size": data.cache.size,
-              "data_fingerprint": data.cache.fingerprint}
+              "data_fingerprint": data.cache.fingerprint, "dedupe": data.cfg.dedupe,
+              "exclude": data.cfg.exclude or "none", "cv": spec.search.cv,
+              **{f"data.{k}": v for k, v in data.change_counts().items()}}
     tags = {"cxrtune.search": spec.name, "cxrtune.git_commit": _git_commit(),
             **{f"version.{k}": v for k, v in _versions().items()}}
-    parent = tracker.start_parent(spec.name, params, tags, [Path(spec.file), data.split_path],
-                                  state.get("parent_run_id"))
+    files = [Path(spec.file), data.split_path, *([data.removed_path] if data.removed_path else [])]
+    parent = tracker.start_parent(spec.name, params, tags, files, state.get("parent_run_id"))
     return tracker, parent
 
 
@@ -666,13 +703,21 @@ def _space_record(spec: SearchSpec) -> dict[str, Any]:
     return json.loads(json.dumps(record, default=str))
 
 
+def _added_search_defaults(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Search settings a newer cxrtune added, at their defaults: a search an older one
+    started did the same without them (settings that change the data are not excused)."""
+    defaults = flatten(json.loads(json.dumps({"search": dataclasses.asdict(SearchSettings())}, default=str)))
+    return {k for k in new.keys() - old.keys() if k in defaults and new[k] == defaults[k]}
+
+
 def _check_same_space(spec: SearchSpec, state: dict[str, Any]) -> None:
     """--resume with a changed space file (or other --set values) would mix two searches."""
     before = state.get("space")
     if before is None:
         return
     old, new = flatten(before), flatten(_space_record(spec))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    added = _added_search_defaults(old, new)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in added)
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
         raise ConfigError(f"--resume: {spec.file} (with its --set values) differs from the space search "
@@ -680,7 +725,8 @@ def _check_same_space(spec: SearchSpec, state: dict[str, Any]) -> None:
                           "--set values, or run without --resume to start a new search")
 
 
-def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
+def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool = False,
+               test_front: bool = False) -> dict[str, Any]:
     """Run (or resume) the search ``spec``; returns a summary with the best trial and its test scores.
 
     Everything that can be checked is checked before the MLflow parent run is created
@@ -712,7 +758,7 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None, resume: bool 
             MlflowCallback.attach_restored(tuner, tracker)
         with _stop_if_restore_fails(experiment_dir(spec), enabled=resume):
             results = tuner.fit()
-        summary = _finish(spec, data, results, tracker, parent)
+        summary = _finish(spec, data, results, tracker, parent, test_front)
     except (KeyboardInterrupt, SearchInterrupted):
         tracker.end_parent(parent, status="KILLED")
         raise
@@ -771,11 +817,44 @@ def _trial_rows(spec: SearchSpec, results) -> list[dict[str, Any]]:
                      "epochs": int((r.metrics or {}).get("epoch", 0)),
                      "best": None if i is None else float(values[i]),
                      "best_epoch": None if i is None else int(df["epoch"].iloc[i]),
+                     "values": {} if i is None else _values_at(df, i, _choice_metrics(spec)),
                      "config": point_of(r.config or {}), "error": _error_cause(r.error) if r.error else None,
                      "result": r})
     # sorted() is stable and the key breaks no ties: equal values keep creation order
     rows.sort(key=lambda x: _creation_order(x["trial_id"]))
     return sorted(rows, key=lambda x: rank_key(x["best"], spec.mode))
+
+
+def _choice_metrics(spec: SearchSpec) -> list[str]:
+    """What choosing the trial to test looks at: the objectives, the select metric, the limits."""
+    named = [o.metric for o in spec.objectives] + [spec.select_metric, *spec.search.select.limits()]
+    return list(dict.fromkeys(named))
+
+
+def _values_at(df: pd.DataFrame, i: int, metrics: list[str]) -> dict[str, Optional[float]]:
+    row = df.iloc[i]
+    return {m: float(row[m]) if m in row and pd.notna(row[m]) else None for m in metrics}
+
+
+def _choose(spec: SearchSpec, ranked: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial to test and register, and what the summary says of the choice (the Pareto
+    front when there are several objectives). With several objectives or limits the
+    candidates are the trials that ran to the end: a trial ASHA stopped has the first
+    objective of fewer epochs, and would sit on the front only for being cheap."""
+    rule = spec.search.select
+    if not spec.multi_objective and not rule.limits() and spec.select_metric == spec.metric:
+        return ranked[0], {}
+    candidates = [r for r in ranked if r["status"] == COMPLETED] or ranked
+    choice = choose([r["values"] for r in candidates], spec.objectives, spec.select_metric,
+                    direction(spec.select_metric), rule.limits(), rule.knee)
+    front = [candidates[i]["trial_id"] for i in choice.front]
+    for r in ranked:
+        r["on_front"] = r["trial_id"] in front
+    best = candidates[choice.index]
+    log.info("tested and registered: trial %s, %s%s", best["trial_id"], choice.reason,
+             f"; Pareto front: {', '.join(front)}" if front else "")
+    return best, {"objectives": [dataclasses.asdict(o) for o in spec.objectives], "front": front,
+                  "selected": best["trial_id"], "reason": choice.reason, "limits": rule.limits()}
 
 
 def _best_checkpoint(row: dict[str, Any], spec: SearchSpec):
@@ -851,10 +930,52 @@ def _model_package(data: PreparedData, ev: Any):
     prep = Preprocessing(task=data.cfg.task, classes=tuple(data.scheme.classes), image_size=data.cache.size,
                          input_mean=float(ev.input_stats[0]), input_std=float(ev.input_stats[1]),
                          in_channels=ev.config.model.in_channels, cxrnorm=ev.config.preprocess)
-    return ModelPackage(ev.model, spec_of(ev.config, prep))
+    return ModelPackage(ev.model, spec_of(ev.config, prep, folds=len(getattr(ev.model, "members", [ev.model]))))
 
 
-def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str]) -> dict:
+def _test_evaluation(spec: SearchSpec, checkpoint: Path, data: PreparedData, row: dict[str, Any]):
+    """A trial's checkpoint scored on the test split: its model, or for a cross-validated
+    trial its folds' ensemble or a model refit on train+val (search.cv_test)."""
+    if not is_cv_checkpoint(checkpoint):
+        return evaluate_checkpoint(checkpoint, data, "test")
+    if spec.search.cv_test == "ensemble":
+        return evaluate_ensemble(checkpoint, data, "test")
+    return refit_and_evaluate(checkpoint, data, row["best_epoch"])
+
+
+def _front_tests(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], pareto: dict[str, Any],
+                 selected_metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The test metrics of every front member (``--test-front``); the selected trial's are
+    those already computed."""
+    tests = {pareto["selected"]: selected_metrics}
+    for row in rows:
+        if row["trial_id"] in pareto["front"] and row["trial_id"] not in tests:
+            with _best_checkpoint(row, spec).as_directory() as ckpt_dir:
+                tests[row["trial_id"]] = _test_evaluation(spec, Path(ckpt_dir), data, row).metrics
+    return tests
+
+
+def _log_front(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], pareto: dict[str, Any],
+               selected_metrics: dict[str, float], tracker: Tracker, parent: Optional[str],
+               test_front: bool) -> dict[str, Any]:
+    """The front's CSV and plot beside the report folder and on the parent run (both
+    ``pareto/``), and its members as a tag; with ``test_front``, every member's test
+    metrics too."""
+    from .report.build import report_dir
+    from .report.front import front_table, write_front
+
+    tests = _front_tests(spec, data, rows, pareto, selected_metrics) if test_front else {}
+    table = front_table(rows, spec.objectives, pareto["selected"], tests)
+    for path in write_front(report_dir(spec).parent / "pareto", table, spec.objectives):
+        tracker.log_path(parent, path, artifact_path="pareto")
+    tracker.set_tags(parent, {"cxrtune.pareto_front": ",".join(pareto["front"]),
+                              "cxrtune.selected_trial": pareto["selected"],
+                              "cxrtune.selected_by": pareto["reason"]})
+    return {**pareto, "front_test": tests}
+
+
+def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str],
+            test_front: bool = False) -> dict:
     from ray.tune import ExperimentAnalysis
 
     rows = _trial_rows(spec, results)
@@ -875,11 +996,13 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
         raise SearchFailed(f"all {len(rows)} trials of {spec.name!r} failed; the first "
                            f"({first['trial_id'] if first else '-'}) with {first['error'] if first else '-'}")
     # Selection uses validation scores only; the test split is touched once, afterwards.
-    best_row = ranked[0]
+    best_row, pareto = _choose(spec, ranked)
     best = best_row["result"]
     checkpoint = _best_checkpoint(best_row, spec)
     with checkpoint.as_directory() as ckpt_dir:
-        ev = evaluate_checkpoint(Path(ckpt_dir), data, "test")
+        ev = _test_evaluation(spec, Path(ckpt_dir), data, best_row)
+        if pareto:
+            pareto = _log_front(spec, data, rows, pareto, ev.metrics, tracker, parent, test_front)
         package = _model_package(data, ev)
         tracker.log_best(parent, best_row["trial_id"], point_of(best.config), _best_epoch_metrics(best_row),
                          ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), package,
@@ -897,7 +1020,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
             "confusion": ev.confusion.tolist(), "classes": list(data.scheme.classes),
             "mlflow_parent_run": parent, "mlflow_ui": tracker.ui_command(),
             "registered_model": tracker.registered,
-            "test_intervals": report.get("test", {}).get("intervals", {}),
+            "test_intervals": report.get("test", {}).get("intervals", {}), "pareto": pareto,
             "report": report.get("html"), "optuna_dashboard": report.get("optuna", {}).get("dashboard"),
             "n_checkpoints": len(checkpoints),
             "disk_bytes": {"results": _disk_used(experiment_dir(spec)), "checkpoints": _disk_used(*checkpoints),

@@ -117,3 +117,27 @@ def test_help_documents_exit_codes():
     out = invoke("data", "inspect", "--help").stdout
     assert "leakage" in out and "1" in out and "--min-class-count" in out
     assert "--min-class-count" in invoke("data", "cache", "--help").stdout
+
+
+def test_text_report_shows_images_that_look_off_and_what_dedupe_does(tmp_path, home):
+    root = _manifest(tmp_path / "data", extra="img/tinted-copy.jpg,normal,n0\n")
+    # A re-exported colour copy of patient n0's image, filed with n0: a near-duplicate in
+    # one split (no leakage) and a tinted image.
+    grey = cv2.imread(str(root / "img/normal_0_0.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+    tinted = np.stack([grey * 0.6, grey * 0.85, grey], axis=-1)
+    cv2.imwrite(str(root / "img/tinted-copy.jpg"), cv2.resize(tinted, None, fx=1.5, fy=1.5).astype(np.uint8))
+    args = ("data", "inspect", "--source", "csv", "--root", str(root), "--image-size", "32")
+    out = invoke(*args).stdout
+    assert "1 near-duplicate groups, 0 crossing splits" in out
+    assert "data.dedupe=across_splits moves 0 and removes 0 of these images" in out
+    assert "tinted (colour channels differ): img/tinted-copy.jpg" in out
+    assert "--write-exclusions FILE" in out
+    r = json.loads(invoke(*args, "--json").stdout)
+    assert r["dedupe"] == {"mode": "across_splits", "moved": 0, "removed": 0}
+    assert [i["name"] for i in r["looks_off"]["tinted"]] == ["img/tinted-copy.jpg"]
+    assert r["exclusions_file"] is None
+    # An exclusion list that cannot be written is a clear error (exit 2), not a traceback.
+    (tmp_path / "a-file").write_text("")
+    bad = invoke(*args, "--write-exclusions", str(tmp_path / "a-file" / "list.txt"), code=2)
+    assert "cannot write the exclusion list" in bad.output and "list.txt" in bad.output
+    assert "--write-exclusions" in invoke("data", "inspect", "--help").stdout

@@ -38,11 +38,11 @@ def ask_points(spec: SearchSpec, n: int) -> list[dict]:
 
 
 def test_bundled_names():
-    assert set(bundled_spaces()) >= {"demo", "cxrnorm", "reproduce_grid", "backbones"}
+    assert set(bundled_spaces()) >= {"demo", "cxrnorm", "reproduce_grid", "backbones", "pareto"}
     assert (BUNDLED_DIR / "demo.yaml").is_file()
 
 
-@pytest.mark.parametrize("name", ["demo", "cxrnorm", "reproduce_grid", "backbones"])
+@pytest.mark.parametrize("name", ["demo", "cxrnorm", "reproduce_grid", "backbones", "pareto"])
 def test_bundled_space_loads_and_validates(name):
     spec = load_spec(name)
     assert spec.name == name
@@ -276,7 +276,7 @@ def test_search_settings_checks(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_spec(path)
     msg = str(err.value)
-    for piece in ("search.algorithm='hyperopt': unknown algorithm; valid algorithms: optuna_tpe, random, grid",
+    for piece in ("search.algorithm='hyperopt': unknown algorithm; valid algorithms: optuna_tpe, optuna_nsga2, random, grid",
                   "search.scheduler.name='median'", "val/loss is lower-is-better", "search.num_samples=0",
                   "search.max_concurrent=0", "resources.gpu=-1.0"):
         assert piece in msg, piece

@@ -6,14 +6,22 @@ problems that would stop (or bias) training, such as a split without a class. It
 builds no image cache: duplicate signatures come from an existing cache of the
 configured size when there is one, else from a small temporary decode that is
 removed afterwards. Leakage (one file in two splits, classes or patients; near-
-duplicates across splits) is flagged in ``leakage``; the CLI then exits 1.
+duplicates across splits) is flagged in ``leakage``; the CLI then exits 1, and
+``dedupe`` says what ``data.dedupe`` will do about the near-duplicates before training.
+
+It also lists images that look off (``looks_off``): colour files whose channels differ
+(a tinted scan, a photo of a film), extreme aspect ratios (a cropped strip, a
+scanned page) and near-blank images. ``write_looks_off`` writes them as an exclusion
+list ``data.exclude`` reads back, which keeps them out of training only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,16 +31,27 @@ from PIL import Image
 
 from ..config import DataConfig
 from .cache import ImageCache, build_cache, existing_cache
-from .duplicates import DEFAULT_MIN_SIMILARITY, duplicate_groups, signatures
+from .dedupe import MOVED, REMOVED, DedupeContext, apply_dedupe
+from .duplicates import DEFAULT_MIN_SIMILARITY, duplicate_groups, signatures_of
+from .exclusions import data_base, relative_name, write_exclusions
 from .labels import SCHEMES, Labelled, audit_scheme
 from .pipeline import source_root, without_skipped
 from .sources import read_source
-from .splits import SPLIT_COLUMNS, draw_split, log_missing_patient_ids, patient_groups
+from .splits import SPLIT_COLUMNS, draw_split, log_missing_patient_ids, patient_groups, uses_official_test
 
 log = logging.getLogger(__name__)
 
 # Side of the throwaway decode for signatures: the signature itself works on 32 px.
 SIGNATURE_SIZE = 64
+
+# What "looks off" means. A grey radiograph saved as RGB has equal channels (JPEG
+# rounding moves them by a level or so); a tinted one differs by more than a few levels.
+TINT_LEVELS = 4.0  # mean absolute difference of two colour channels, grey levels (0-255)
+ASPECT_RANGE = (0.5, 2.0)  # width / height from the header; chest films are about 0.8-1.25
+BLANK_STD = 4.0  # pixel standard deviation of the decoded image (radiographs: 40-70)
+TINT_THUMBNAIL = 64  # side of the decode for the tint check: a colour cast shows at any size
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+LOOKS_OFF_KINDS = ("tinted", "extreme_aspect", "near_blank")
 
 
 def header_info(path: str) -> tuple[int, int, str] | None:
@@ -72,6 +91,12 @@ def _signature_images(paths: Sequence[str], cfg: DataConfig, tmp: Path, progress
     return cache, f"a temporary {SIGNATURE_SIZE} px decode (removed)"
 
 
+def _pixel_stds(images: np.ndarray, records: Sequence, rows: Sequence[int]) -> dict[str, float]:
+    """Each record's pixel standard deviation, from the decode already made for the
+    signatures (a blank image is blank at any size)."""
+    return {str(r.path): float(np.asarray(images[i]).std()) for r, i in zip(records, rows)}
+
+
 def _groups(labelled: Labelled, sig: np.ndarray, min_similarity: float) -> list[str]:
     """Same grouping as prepare_data: near-duplicates among the images without a patient id."""
     no_id = [i for i, r in enumerate(labelled.records) if not r.patient_id]
@@ -86,7 +111,8 @@ def inspect_data(cfg: DataConfig, min_similarity: float = DEFAULT_MIN_SIMILARITY
 
     Raises only when there is nothing to audit (no root, no images, unreadable metadata).
     """
-    audit = read_source(*source_root(cfg))
+    name, root = source_root(cfg)
+    audit = read_source(name, root)
     scheme = SCHEMES.get(cfg.task, where="data.task")
     labelled = audit_scheme(audit.records, scheme, cfg.min_class_count, source=cfg.source)
     problems = list(labelled.problems)
@@ -96,10 +122,12 @@ def inspect_data(cfg: DataConfig, min_similarity: float = DEFAULT_MIN_SIMILARITY
             cache, sig_from = _signature_images(paths, cfg, Path(tmp), progress)
             labelled = without_skipped(labelled, cache)
             index = cache.index()
-            sig = signatures(_Rows(cache.images, [index[str(r.path)] for r in labelled.records]))
+            rows = [index[str(r.path)] for r in labelled.records]
+            sig = signatures_of(cache.images, rows)
+            stds = _pixel_stds(cache.images, labelled.records, rows)
             skipped = list(cache.skipped)
         else:
-            sig, sig_from, skipped = np.zeros((0, 63), np.float32), "nothing to decode", []
+            sig, sig_from, skipped, stds = np.zeros((0, 63), np.float32), "nothing to decode", [], {}
     if labelled.records:
         split, split_problems = draw_split(labelled, cfg, scheme.classes, _groups(labelled, sig, min_similarity))
         problems += split_problems
@@ -109,7 +137,9 @@ def inspect_data(cfg: DataConfig, min_similarity: float = DEFAULT_MIN_SIMILARITY
     pos = {str(r.path): i for i, r in enumerate(labelled.records)}
     dup_groups = duplicate_groups(sig[[pos[p] for p in split["path"]]], min_similarity)
     crossing = _crossing(split, dup_groups)
-    infos = [i for i in map(header_info, split["path"]) if i is not None]
+    headers = dict(zip(split["path"], map(header_info, split["path"])))
+    infos = [i for i in headers.values() if i is not None]
+    looks_off = find_looks_off(headers, stds, data_base(root), cfg.workers)
     per_patient = split.loc[split["patient_id"] != "", "patient_id"].value_counts()
     leakage = [f"listed twice: {c}" for c in audit.conflicts]
     leakage += [f"near-duplicates in two splits: {' == '.join(g)}" for g in crossing]
@@ -141,22 +171,14 @@ def inspect_data(cfg: DataConfig, min_similarity: float = DEFAULT_MIN_SIMILARITY
         "patients_with_several_images": int((per_patient > 1).sum()),
         "max_images_per_patient": int(per_patient.max()) if len(per_patient) else 1,
         "signatures_from": sig_from,
+        "dedupe": _dedupe_plan(split, dup_groups, labelled, cfg),
+        "looks_off": looks_off,
+        "looks_off_thresholds": {"tint_levels": TINT_LEVELS, "aspect_range": list(ASPECT_RANGE),
+                                 "blank_std": BLANK_STD},
+        "exclusions_file": None,
         "problems": problems,
         "leakage": leakage,
     }
-
-
-class _Rows:
-    """A lazy view of the cache rows of the records, in record order (no copy of the pixels)."""
-
-    def __init__(self, images: np.ndarray, rows: list[int]) -> None:
-        self.images, self.rows = images, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.images[self.rows[i]]
 
 
 def _crossing(split, groups: list[list[int]]) -> list[list[str]]:
@@ -164,3 +186,83 @@ def _crossing(split, groups: list[list[int]]) -> list[list[str]]:
     paths = split["path"].to_numpy()
     splits = split["split"].to_numpy()
     return [[f"{splits[i]}:{paths[i]}" for i in g] for g in groups if len(set(splits[g])) > 1]
+
+
+def _dedupe_plan(split: pd.DataFrame, groups: list[list[int]], labelled: Labelled,
+                 cfg: DataConfig) -> dict[str, Any]:
+    """What ``data.dedupe`` will do before training: the same resolution prepare_data runs."""
+    ctx = DedupeContext(uses_official_test(labelled, cfg), cfg.folds, cfg.fold)
+    _, changes = apply_dedupe(split, groups, cfg.dedupe, ctx)
+    n = Counter(c.action for c in changes)
+    return {"mode": cfg.dedupe, "moved": n[MOVED], "removed": n[REMOVED]}
+
+
+# ------------------------------------------------------------------ images that look off
+
+
+def channel_difference(path: str) -> float | None:
+    """The largest mean absolute difference between two colour channels of a small decode
+    of ``path``, in grey levels; None for a file without colour channels (or unreadable:
+    the cache build reports those)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in _COLOUR_MODES:
+                return None
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            # JPEG: decoded at 1/2..1/8 scale (draft); others reduced before resampling
+            im.thumbnail((TINT_THUMBNAIL, TINT_THUMBNAIL))
+            rgb = np.asarray(im, dtype=np.int16)
+    except Exception:
+        return None
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return float(max(np.abs(r - g).mean(), np.abs(g - b).mean(), np.abs(r - b).mean()))
+
+
+def find_looks_off(headers: dict[str, tuple[int, int, str] | None], stds: dict[str, float], base: Path,
+                   workers: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Images that look off, by kind (``LOOKS_OFF_KINDS``): ``headers`` maps each path to
+    its header_info, ``stds`` to the pixel standard deviation of its decode."""
+    colour = [p for p, h in headers.items() if h is not None and h[2] in _COLOUR_MODES]
+    # decoding releases the GIL: threads decode the colour files' thumbnails in parallel
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        tints = dict(zip(colour, pool.map(channel_difference, colour)))
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in LOOKS_OFF_KINDS}
+    for path, head in headers.items():
+        name = relative_name(path, base)
+        tint = tints.get(path)
+        if tint is not None and tint > TINT_LEVELS:
+            out["tinted"].append({"path": path, "name": name, "channel_difference": round(tint, 2)})
+        if head is not None and head[1] > 0 and not ASPECT_RANGE[0] <= head[0] / head[1] <= ASPECT_RANGE[1]:
+            out["extreme_aspect"].append({"path": path, "name": name, "width": head[0], "height": head[1],
+                                          "aspect": round(head[0] / head[1], 3)})
+        if path in stds and stds[path] < BLANK_STD:
+            out["near_blank"].append({"path": path, "name": name, "std": round(stds[path], 2)})
+    return out
+
+
+def _why(kind: str, item: dict[str, Any]) -> str:
+    if kind == "tinted":
+        return (f"tinted: its colour channels differ by {item['channel_difference']:.1f} grey levels on "
+                f"average (over {TINT_LEVELS:g})")
+    if kind == "extreme_aspect":
+        return (f"extreme aspect ratio: {item['width']}x{item['height']} px, width/height "
+                f"{item['aspect']:.2f} (outside {ASPECT_RANGE[0]:g}-{ASPECT_RANGE[1]:g})")
+    return f"near-blank: pixel standard deviation {item['std']:.1f} grey levels (under {BLANK_STD:g})"
+
+
+def looks_off_items(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(relative path, why) of each image that looks off, once each, sorted by path."""
+    why: dict[str, list[str]] = {}
+    for kind in LOOKS_OFF_KINDS:
+        for item in result["looks_off"][kind]:
+            why.setdefault(item["name"], []).append(_why(kind, item))
+    return [(name, "; ".join(why[name])) for name in sorted(why)]
+
+
+def write_looks_off(result: dict[str, Any], path: str | Path) -> Path:
+    """Write the images of ``result`` (an inspect_data result) that look off as an
+    exclusion list for ``data.exclude``."""
+    about = [f"Written by `cxrtune data inspect` for source {result['source']} at {result['root']}, "
+             f"task {result['task']}: {sum(len(v) for v in result['looks_off'].values())} finding(s)."]
+    return write_exclusions(path, looks_off_items(result), about)

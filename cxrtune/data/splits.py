@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ..atomic import replacing_file
 from ..config import DataConfig
 from ..errors import DataError
+from .exclusions import exclusion_digest
 from .labels import Labelled
 from .manifest import Record
 
@@ -186,6 +187,11 @@ def _val_mask(pool: pd.DataFrame, cfg: DataConfig, problems: list[str]) -> tuple
     return grouped_holdout(pool, cfg.val_fraction, cfg.split_seed, stream=1), fold
 
 
+def uses_official_test(labelled: Labelled, cfg: DataConfig) -> bool:
+    """Whether the test split is the source's official one (kept as published)."""
+    return not cfg.resplit_test and any(r.split == "test" for r in labelled.records)
+
+
 def draw_split(labelled: Labelled, cfg: DataConfig, classes: tuple[str, ...],
                groups: Sequence[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Assign every image to train/val/test (and a fold when cfg.folds >= 2) without
@@ -262,10 +268,13 @@ def _missing_class_fix(split: str, cfg: DataConfig, drawn_test: bool) -> str:
 
 
 def split_id(df: pd.DataFrame, cfg: DataConfig) -> str:
-    """A short hash of what the split depends on, for its file name."""
+    """A short hash of what the split depends on, for its file name. The dedupe mode and
+    the exclusion list's content are part of it: another setting is another split file
+    (moved images change no path, so the paths alone would not tell)."""
     h = hashlib.sha256()
     h.update(repr((cfg.source, cfg.task, cfg.split_seed, cfg.val_fraction, cfg.test_fraction,
-                   cfg.resplit_test, cfg.folds, cfg.fold, cfg.min_class_count)).encode())
+                   cfg.resplit_test, cfg.folds, cfg.fold, cfg.min_class_count, cfg.dedupe,
+                   exclusion_digest(cfg.exclude))).encode())
     h.update("\n".join(df["path"]).encode())
     return h.hexdigest()[:12]
 

@@ -115,6 +115,12 @@ def target_layer(model: nn.Module, backbone: str) -> nn.Module:
     return TARGET_LAYERS.get(backbone, where="model.backbone")(model)
 
 
+def networks(model: nn.Module) -> list[nn.Module]:
+    """The networks in ``model``: itself, or the fold models of a cross-validated trial's
+    ensemble (cv.FoldEnsemble), whose Grad-CAM is the mean of theirs."""
+    return list(getattr(model, "members", [model]))
+
+
 # ---------------------------------------------------------------- leaving the model untouched
 
 
@@ -174,9 +180,9 @@ def gradcam_maps(model: nn.Module, backbone: str, x: Tensor, targets: Sequence[i
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     targets = _check_targets(x, targets)
-    layer = target_layer(model, backbone)
+    layers = [target_layer(net, backbone) for net in networks(model)]
     with _eval_restored(model), _parameters_untouched(model), torch.enable_grad():
-        cam = GradCAM(model=model, target_layers=[layer])
+        cam = GradCAM(model=model, target_layers=layers)
         try:
             # a fresh leaf: activations downstream of it carry gradients even when every
             # parameter is frozen, and the caller's tensor gets no .grad
@@ -285,8 +291,8 @@ def _batches(loader_or_batches: Iterable[Any]) -> Iterator[Tensor]:
 @torch.no_grad()
 def embeddings(model: nn.Module, backbone: str, loader_or_batches: Iterable[Any]) -> np.ndarray:
     """Penultimate-layer features (the input of the class layer, read by a forward hook
-    on it): float32 (N, D), D the class layer's ``in_features``."""
-    head = model.get_submodule(BACKBONES.get(backbone, where="model.backbone").head)
+    on it; of an ensemble's first network): float32 (N, D), D the class layer's ``in_features``."""
+    head = networks(model)[0].get_submodule(BACKBONES.get(backbone, where="model.backbone").head)
     device = next(model.parameters()).device
     features: list[np.ndarray] = []
 
@@ -482,6 +488,6 @@ def _method_text(area: float, threshold: float) -> str:
             f"for more than {1 - MIN_EVIDENCE_SHARE:.0%} of its images is not judged.")
 
 
-__all__ = ["TARGET_LAYERS", "target_layer", "gradcam_maps", "occlusion_maps", "overlay_png",
+__all__ = ["TARGET_LAYERS", "target_layer", "networks", "gradcam_maps", "occlusion_maps", "overlay_png",
            "explanation_sample", "embeddings", "tsne_png", "body_mask", "outside_energy",
            "density_threshold", "shortcut_check"]

@@ -82,6 +82,7 @@ class ModelSpec:
     batch_size: int = 128  # the trial's eval_batch_size: the test evaluation's batches
     amp: bool = True  # bf16 autocast on CUDA, as the trial evaluated (the CPU always runs fp32)
     channels_last: bool = True  # on CUDA
+    folds: int = 1  # > 1: the fold models of a cross-validated trial, as one ensemble (cv.FoldEnsemble)
     format_version: int = FORMAT_VERSION
     cxrtune_version: str = ""
 
@@ -114,13 +115,24 @@ class ModelSpec:
         return TrialConfig(model=self.model, preprocess=self.preprocessing.cxrnorm, loop=loop)
 
 
-def spec_of(trial: TrialConfig, preprocessing: Preprocessing) -> ModelSpec:
-    """The spec of a model trained with ``trial``."""
+def spec_of(trial: TrialConfig, preprocessing: Preprocessing, folds: int = 1) -> ModelSpec:
+    """The spec of a model trained with ``trial`` (``folds`` > 1: its fold models' ensemble)."""
     from .. import __version__
 
     return ModelSpec(model=dataclasses.replace(trial.model, weights="none"), preprocessing=preprocessing,
                      batch_size=trial.loop.eval_batch_size, amp=trial.loop.amp,
-                     channels_last=trial.loop.channels_last, cxrtune_version=__version__)
+                     channels_last=trial.loop.channels_last, folds=folds, cxrtune_version=__version__)
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """The network the weights file is for: the model, or its ensemble of ``spec.folds``."""
+    prep = spec.preprocessing
+    if spec.folds == 1:
+        return build_model(spec.model, len(prep.classes), prep.image_size)
+    from ..cv import FoldEnsemble
+
+    members = [build_model(spec.model, len(prep.classes), prep.image_size) for _ in range(spec.folds)]
+    return FoldEnsemble(members, [(0.0, 1.0)] * spec.folds)  # the real normalisations are in the weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,8 +181,7 @@ class Classifier:
         """Rebuild the network from the spec and load its weights (``weights_only``: no
         pickled code is run)."""
         spec = ModelSpec.read(spec_file)
-        prep = spec.preprocessing
-        model = build_model(spec.model, len(prep.classes), prep.image_size)
+        model = build_network(spec)
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
             model.load_state_dict(state)

@@ -14,7 +14,8 @@ from ..errors import ConfigError, CxrtuneError
 from ..metrics import check_metric_name
 from ..model_config import BACKBONES, imagenet_weights_file
 from ..selection import resolve_mode
-from .spec import ALGORITHMS, SCHEDULERS, Param, SearchSpec, base_type, same_value
+from ..cost_names import COST_METRICS, cost_metric
+from .spec import ALGORITHMS, COST_PREFIX, CV_TESTS, SCHEDULERS, Param, SearchSpec, base_type, same_value
 
 
 def problem_lines(exc: ConfigError) -> list[str]:
@@ -146,6 +147,7 @@ def check_spec(spec: SearchSpec, problems: list[str]) -> None:
         resolve_mode(metric, s.mode, "search.mode")
     except ConfigError as exc:
         problems.append(str(exc))
+    _check_objectives(spec, base, problems)
     if s.num_samples < 1:
         problems.append(f"search.num_samples={s.num_samples}: must be >= 1")
     if s.max_concurrent < 1:
@@ -187,6 +189,70 @@ def check_spec(spec: SearchSpec, problems: list[str]) -> None:
             problems.append(f"tracking.{k}: empty; use null for the default")
     if not spec.storage.path.strip():
         problems.append("storage.path: empty; give a folder, a shared path or an s3:// URI")
+
+
+def _metric_problem(spec: SearchSpec, name: str, where: str) -> str | None:
+    """Why ``name`` is not a metric a trial reports (a validation metric or a cost), or None."""
+    if cost_metric(name):
+        return None
+    if name.startswith(COST_PREFIX):
+        return f"{where}={name}: unknown cost metric; cost metrics: {', '.join(COST_METRICS.names())}"
+    if name == "val/loss" or spec.data.task not in SCHEMES:
+        return None
+    scheme = SCHEMES.get(spec.data.task)
+    try:
+        check_metric_name(name, scheme.classes, list(scheme.binary_groups) or False)
+    except ConfigError as exc:
+        return f"{where}: {exc}"
+    return None
+
+
+def _check_objectives(spec: SearchSpec, base: TrialConfig, problems: list[str]) -> None:
+    """search.objectives, search.select and search.cost_repeats."""
+    s = spec.search
+    names = [o.metric for o in s.objectives]
+    for i, o in enumerate(s.objectives):
+        where = f"search.objectives[{i}].metric"
+        problem = _metric_problem(spec, o.metric, where)
+        if problem:
+            problems.append(problem)
+        try:
+            resolve_mode(o.metric, o.mode, f"search.objectives[{i}].mode")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if len(set(names)) < len(names):
+        problems.append(f"search.objectives: a metric is listed twice ({', '.join(names)}); list each once")
+    if names and cost_metric(names[0]):
+        problems.append(f"search.objectives[0].metric={names[0]}: the first objective is what trials keep their "
+                        "best epoch by and ASHA compares, so it must be a validation metric (e.g. val/f1_macro); "
+                        "put the cost metrics after it")
+    if names and s.metric is not None and s.metric != names[0]:
+        problems.append(f"search.metric={s.metric} and search.objectives[0].metric={names[0]}: the first "
+                        "objective is the search's metric; set only search.objectives")
+    if s.algorithm == "optuna_nsga2" and len(names) < 2:
+        problems.append("search.algorithm=optuna_nsga2 is for several objectives: list them in "
+                        "search.objectives, or use optuna_tpe")
+    rule = s.select
+    if rule.metric is not None:
+        problem = _metric_problem(spec, rule.metric, "search.select.metric")
+        if problem:
+            problems.append(problem)
+    if rule.knee and len(names) < 2:
+        problems.append("search.select: knee needs a Pareto front: list two or more search.objectives")
+    if rule.knee and (rule.metric is not None or rule.limits()):
+        problems.append("search.select: knee picks the trial itself; remove metric and the max_ limits, or knee")
+    for metric, bound in rule.limits().items():
+        if not bound > 0:
+            problems.append(f"search.select.max_{metric[len(COST_PREFIX):]}={bound:g}: must be > 0")
+    if s.cv and spec.data.folds < 2:
+        problems.append(f"search.cv: true needs folds: set data.folds (e.g. 5; it is {spec.data.folds})")
+    if s.cv_test not in CV_TESTS:
+        problems.append(f"search.cv_test={s.cv_test!r}: must be one of {', '.join(CV_TESTS)}")
+    if s.cost_repeats < 1:
+        problems.append(f"search.cost_repeats={s.cost_repeats}: must be >= 1 (timed passes per latency)")
+    if spec.cost_metrics and base.loop.cost_repeats < 1:
+        problems.append(f"fixed.loop.cost_repeats=0 but the search uses {', '.join(spec.cost_metrics)}: remove "
+                        "it (search.cost_repeats sets it) or set it >= 1")
 
 
 def _fmt(v: Any) -> str:

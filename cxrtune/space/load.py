@@ -166,6 +166,8 @@ def _build_spec(raw: dict[str, Any], file: Path, problems: list[str]) -> SearchS
     search_raw = raw.get("search")
     if isinstance(search_raw, Mapping) and isinstance(search_raw.get("scheduler"), str):
         search_raw = {**search_raw, "scheduler": {"name": search_raw["scheduler"]}}  # scheduler: fifo
+    if isinstance(search_raw, Mapping) and search_raw.get("select") == "knee":
+        search_raw = {**search_raw, "select": {"knee": True}}  # select: knee
     search = _build(SearchSettings, _lenient(SearchSettings, search_raw, "search", problems), "search", problems)
     resources = _build(Resources, _lenient(Resources, raw.get("resources"), "resources", problems),
                        "resources", problems)

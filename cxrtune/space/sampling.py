@@ -75,12 +75,14 @@ def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
 
 
 def optuna_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
-    """The seeded Optuna sampler for ``search.algorithm`` (optuna_tpe or random)."""
+    """The seeded Optuna sampler for ``search.algorithm`` (optuna_tpe, optuna_nsga2 or random)."""
     import optuna  # here, not at the top: `cxrtune validate` and the CLI start without it
 
     s = spec.search
     if s.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.algorithm == "optuna_nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
     if s.algorithm != "optuna_tpe":
         raise ConfigError(f"{spec.file}: search.algorithm={s.algorithm!r} has no Optuna sampler "
                           "(grid search runs grid_points())")

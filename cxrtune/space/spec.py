@@ -14,13 +14,15 @@ from typing import Any, Mapping
 
 from ..config import DataConfig, TrialConfig, from_dict
 from ..errors import ConfigError
+from ..pareto import Objective
 from ..selection import direction
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 KINDS = ("choice", "uniform", "loguniform", "quniform", "int")
 ALGORITHMS: dict[str, str] = {
-    "optuna_tpe": "Optuna TPE (multivariate, constant liar for parallel trials)",
+    "optuna_tpe": "Optuna TPE (multivariate, constant liar for parallel trials; one or several objectives)",
+    "optuna_nsga2": "Optuna NSGA-II (a genetic algorithm for several objectives)",
     "random": "random sampling (Optuna RandomSampler)",
     "grid": "every combination of the choice lists",
 }
@@ -28,6 +30,9 @@ SCHEDULERS: dict[str, str] = {
     "asha": "ASHA: stops poor trials early at rungs grace_period * reduction_factor^k",
     "fifo": "no early stopping: every trial runs all its epochs",
 }
+# how the chosen cross-validated trial is tested: its fold models' ensemble, or a model
+# refit on train+val for the best epoch count (cv.py)
+CV_TESTS = ("ensemble", "refit")
 TOP_KEYS = ("name", "data", "fixed", "space", "search", "resources", "tracking", "storage")
 # searching these would make trials select their checkpoints on different things
 UNSEARCHABLE = {
@@ -98,11 +103,51 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True)
+class ObjectiveSpec:
+    """One of several objectives: ``{metric: cost/latency_ms, mode: min}``."""
+
+    metric: str
+    mode: str | None = None  # follows from the metric; may only agree
+
+
+# search.select's limits: the field max_<x> bounds the cost metric cost/<x>
+LIMIT_PREFIX, COST_PREFIX = "max_", "cost/"
+
+
+@dataclass(frozen=True)
+class SelectRule:
+    """Which trial is tested and registered (pareto.py): the best by ``metric`` among the
+    trials within every limit given, or, with ``knee``, the knee of the Pareto front."""
+
+    metric: str | None = None  # default: the first objective (the search's metric)
+    knee: bool = False
+    max_params_m: float | None = None
+    max_gflops: float | None = None
+    max_latency_ms: float | None = None
+    max_latency_b32_ms: float | None = None
+    max_train_s: float | None = None
+
+    def limits(self) -> dict[str, float]:
+        """{cost metric: upper bound} of the limits given."""
+        return {COST_PREFIX + f.name[len(LIMIT_PREFIX):]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith(LIMIT_PREFIX) and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
 class SearchSettings:
-    algorithm: str = "optuna_tpe"  # optuna_tpe | random | grid
+    algorithm: str = "optuna_tpe"  # optuna_tpe | optuna_nsga2 | random | grid
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     metric: str | None = None  # default: loop.select_metric; trials select their best epoch on it too
     mode: str | None = None  # follows from the metric (loss, ece: min; the rest: max); may only agree
+    # Several objectives (a Pareto front): the first is the search's metric (what trials
+    # select their best epoch on and ASHA compares), the others e.g. cost metrics.
+    objectives: tuple[ObjectiveSpec, ...] = ()
+    select: SelectRule = field(default_factory=SelectRule)
+    cost_repeats: int = 10  # timed passes per latency measurement (median), when a cost metric is used
+    # Cross-validated trials (data.folds >= 2): each trial trains a model per fold and reports
+    # the folds' mean (cv.py); the chosen trial is tested as its folds' ensemble or a refit.
+    cv: bool = False
+    cv_test: str = "ensemble"  # ensemble | refit
     num_samples: int = 10  # trials (grid: the grid size instead)
     max_concurrent: int = 2  # trials running at once
     time_budget_s: float | None = None  # stop starting trials after this many seconds
@@ -174,11 +219,39 @@ class SearchSpec:
 
     @property
     def metric(self) -> str:
+        """What trials select their best epoch on, Tune searches and ASHA compares: the
+        first objective, search.metric or loop.select_metric."""
+        if self.search.objectives:
+            return self.search.objectives[0].metric
         return self.search.metric or self.base_config().loop.select_metric
 
     @property
     def mode(self) -> str:
         return direction(self.metric)
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        """The search's objectives with their directions (one unless search.objectives)."""
+        if not self.search.objectives:
+            return (Objective(self.metric, self.mode),)
+        return tuple(Objective(o.metric, direction(o.metric)) for o in self.search.objectives)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def select_metric(self) -> str:
+        """What the tested trial is the best by (search.select.metric, default the first objective)."""
+        return self.search.select.metric or self.metric
+
+    @property
+    def cost_metrics(self) -> tuple[str, ...]:
+        """The cost metrics the objectives and the selection rule use (measured in every trial)."""
+        # (from the settings alone: the default metric needs the base config, built with this)
+        s = self.search
+        named = [o.metric for o in s.objectives] + [s.select.metric or "", *s.select.limits()]
+        return tuple(dict.fromkeys(m for m in named if m.startswith(COST_PREFIX)))
 
     @property
     def max_epochs(self) -> int:
@@ -229,9 +302,11 @@ class SearchSpec:
                 merged[name] = value
         if problems:
             raise ConfigError(f"{self.file}: invalid trial point:\n  " + "\n  ".join(problems))
-        if self.search.metric is not None:
+        if self.search.metric is not None or self.search.objectives:
             # the search's metric is what every trial selects its best epoch on
-            merged.setdefault("loop", {})["select_metric"] = self.search.metric
+            merged.setdefault("loop", {})["select_metric"] = self.metric
+        if self.cost_metrics:  # measured in every trial (cost.py), unless fixed.loop says how
+            merged.setdefault("loop", {}).setdefault("cost_repeats", self.search.cost_repeats)
         cfg = from_dict(TrialConfig, merged)
         return dataclasses.replace(cfg, data=self.data)
 

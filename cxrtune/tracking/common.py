@@ -30,7 +30,7 @@ PARENT_TAG = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_
 COMPLETED, STOPPED_EARLY, FAILED, RUNNING = "completed", "stopped_early", "failed", "running"
 KILLED, NOT_STARTED = "killed", "not_started"
 
-METRIC_PREFIXES = ("train/", "val/", "time/")
+METRIC_PREFIXES = ("train/", "val/", "time/", "cost/", "cv/")
 METRIC_KEYS = ("lr", "best")
 ERROR_CHARS = 500  # of a failed trial's error kept in the cxrtune.error tag
 

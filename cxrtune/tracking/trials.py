@@ -55,7 +55,7 @@ class TrialLogger:
     For each trial: ``on_trial_start`` gets or creates one child run (tags
     ``cxrtune.trial_id``, ``mlflow.parentRunId``; an existing one is found again on a
     resumed search) and logs the trial's params (``params_of(trial.config)``);
-    ``on_trial_result`` logs the ``train/``, ``val/``, ``time/``, ``lr`` and ``best``
+    ``on_trial_result`` logs the ``train/``, ``val/``, ``time/``, ``cost/``, ``cv/``, ``lr`` and ``best``
     metrics at step ``epoch``; ``on_trial_complete`` tags ``cxrtune.status`` completed
     (reached ``max_epochs``, or ended by itself: early stopping) or stopped_early
     (stopped by the scheduler) and ends the run FINISHED; ``on_trial_error`` tags failed

@@ -1,0 +1,194 @@
+"""Several objectives: the front and the selection rule on planted points, the cost metrics a
+trial measures, the space settings and their errors, and a real multi-objective search of
+tiny backbones of very different size (Ray, Optuna, MLflow, real files)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cxrtune.config import TrialConfig
+from cxrtune.cost import measure_costs
+from cxrtune.cost_names import COST_METRICS
+from cxrtune.errors import ConfigError
+from cxrtune.model_config import ModelConfig
+from cxrtune.models import build_model
+from cxrtune.pareto import Objective, choose, dominates, knee_point, pareto_front
+from cxrtune.space import load_spec
+from servers import cxrtune, parent_and_children
+
+F1, LAT, PARAMS = Objective("val/f1_macro", "max"), Objective("cost/latency_ms", "min"), Objective("cost/params_m", "min")
+
+
+def point(f1, lat, params=1.0):
+    return {"val/f1_macro": f1, "cost/latency_ms": lat, "cost/params_m": params}
+
+
+# planted: a (accurate, slow), b (balanced), c (fast, poor), d dominated by b, e missing a value
+PLANTED = [point(0.90, 40.0), point(0.85, 12.0), point(0.60, 2.0), point(0.80, 15.0), point(0.95, None)]
+
+
+# ---------------------------------------------------------------- the front and the rule
+
+
+def test_the_front_holds_exactly_the_undominated_trials():
+    front = pareto_front(PLANTED, [F1, LAT])
+    assert front == [0, 1, 2]
+    assert dominates(PLANTED[1], PLANTED[3], [F1, LAT]) and not dominates(PLANTED[3], PLANTED[1], [F1, LAT])
+    assert not dominates(PLANTED[0], PLANTED[0], [F1, LAT])  # equal points dominate nothing
+    # equal points are both on the front; a third objective can bring a point back
+    assert pareto_front([point(0.8, 10), point(0.8, 10)], [F1, LAT]) == [0, 1]
+    with_params = PLANTED[:4] + [point(0.70, 30.0, params=0.1)]
+    assert 4 in pareto_front(with_params, [F1, LAT, PARAMS]) and 4 not in pareto_front(with_params, [F1, LAT])
+
+
+def test_the_rule_picks_the_best_within_limits_or_the_knee():
+    objectives = [F1, LAT]
+    assert choose(PLANTED, objectives, "val/f1_macro", "max", {}, knee=False).index == 4  # best F1 overall
+    within = choose(PLANTED, objectives, "val/f1_macro", "max", {"cost/latency_ms": 20.0}, knee=False)
+    assert within.index == 1 and "within cost/latency_ms <= 20" in within.reason
+    assert within.front == (0, 1, 2)
+    # the knee: nearest the ideal corner with both objectives scaled over the front
+    assert knee_point(PLANTED, [0, 1, 2], objectives) == 1
+    assert choose(PLANTED, objectives, "val/f1_macro", "max", {}, knee=True).index == 1
+    # no trial within the limits: the best by the metric regardless, and the reason says so
+    none = choose(PLANTED, objectives, "val/f1_macro", "max", {"cost/latency_ms": 1.0}, knee=False)
+    assert none.index == 4 and "no trial within" in none.reason
+
+
+# ---------------------------------------------------------------- what a trial measures
+
+
+def test_costs_are_measured_without_touching_the_model_or_the_random_streams():
+    cfg = TrialConfig(model=ModelConfig(backbone="simple_cnn"))
+    model = build_model(cfg.model, 3, 32).train()
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    costs = measure_costs(model, cfg, 32, torch.device("cpu"), repeats=3)
+    assert torch.equal(torch.random.get_rng_state(), before) and model.training
+    assert set(costs) == set(COST_METRICS.names()) - {"cost/train_s"}
+    assert costs["cost/params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    # FLOPs: a 3x3 conv's are 2 * k*k * C_in * C_out * H * W; the counter agrees on a lone conv
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 32 * 32, 3))
+    flops = measure_costs(conv, cfg, 32, torch.device("cpu"), repeats=1)["cost/gflops"] * 1e9
+    assert flops == 2 * 9 * 1 * 8 * 32 * 32 + 2 * 8 * 32 * 32 * 3
+    assert 0 < costs["cost/latency_ms"] < costs["cost/latency_b32_ms"] * 5
+
+
+# ---------------------------------------------------------------- the space
+
+
+def write(tmp_path: Path, search: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(textwrap.dedent("""
+        name: mo
+        data: {source: synthetic, image_size: 32, synthetic_n: 120}
+        space:
+          model.backbone: {choice: [simple_cnn, convnet5]}
+        search:
+        """) + textwrap.indent(textwrap.dedent(search), "  "))
+    return p
+
+
+def test_objectives_and_the_rule_are_read_and_turn_cost_measuring_on(tmp_path):
+    spec = load_spec(write(tmp_path, """
+        objectives: [{metric: val/f1_macro}, {metric: cost/latency_ms, mode: min}]
+        select: knee
+        """))
+    assert spec.multi_objective and spec.metric == "val/f1_macro"
+    assert [(o.metric, o.mode) for o in spec.objectives] == [("val/f1_macro", "max"), ("cost/latency_ms", "min")]
+    assert spec.search.select.knee and spec.cost_metrics == ("cost/latency_ms",)
+    assert spec.base_config().loop.cost_repeats == spec.search.cost_repeats
+    single = load_spec(write(tmp_path, "select: {max_params_m: 5}"))
+    assert not single.multi_objective and single.search.select.limits() == {"cost/params_m": 5.0}
+    assert single.base_config().loop.cost_repeats > 0
+    assert load_spec("demo").base_config().loop.cost_repeats == 0  # nothing measured unless asked
+
+
+@pytest.mark.parametrize("search, message", [
+    ("objectives: [{metric: cost/latency_ms}, {metric: val/f1_macro}]", "must be a validation metric"),
+    ("objectives: [{metric: val/f1_macro}, {metric: cost/speed}]", "unknown cost metric; cost metrics: "),
+    ("objectives: [{metric: val/f1_macro}, {metric: cost/latency_ms, mode: max}]", "lower-is-better"),
+    ("objectives: [{metric: val/f1_macro}, {metric: val/f1_macro}]", "listed twice"),
+    ("metric: val/accuracy\nobjectives: [{metric: val/f1_macro}, {metric: cost/gflops}]", "set only"),
+    ("select: knee", "knee needs a Pareto front"),
+    ("algorithm: optuna_nsga2", "optuna_nsga2 is for several objectives"),
+    ("select: {max_latency_ms: 0}", "max_latency_ms=0: must be > 0"),
+    ("select: {max_fps: 3}", "unknown key"),
+])
+def test_bad_objective_settings_are_named_before_any_trial(tmp_path, search, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(write(tmp_path, search))
+
+
+# ---------------------------------------------------------------- a real search
+
+
+SEARCH = """
+name: mo
+data: {source: synthetic, task: three_class, image_size: 32, synthetic_n: 120}
+fixed:
+  optimizer: {name: adam, lr: 0.003}
+  loop: {epochs: 2, batch_size: 16, max_train_batches: 4, max_eval_batches: 2}
+space:
+  model.backbone: {choice: [simple_cnn, mobilenet_v3_large, resnet18]}
+search:
+  algorithm: grid
+  scheduler: fifo
+  # simple_cnn has the fewest parameters, mobilenet_v3_large the fewest FLOPs at 32 px:
+  # whatever their F1, the front holds at least those two
+  objectives: [{metric: val/f1_macro}, {metric: cost/params_m}, {metric: cost/gflops}]
+  select: {max_params_m: 5}
+  cost_repeats: 2
+"""
+
+
+def test_a_multi_objective_search_finds_its_front_and_registers_the_rules_choice(tmp_path):
+    (tmp_path / "mo.yaml").write_text(SEARCH)
+    proc = cxrtune(tmp_path, "search", "mo.yaml", "--json", "--test-front")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    pareto, trials = summary["pareto"], {t["trial_id"]: t for t in summary["trials"]}
+    objectives = [Objective(o["metric"], o["mode"]) for o in pareto["objectives"]]
+    values = {t: trials[t]["values"] for t in trials}
+    assert len(pareto["front"]) >= 2
+    for member in pareto["front"]:  # nothing dominates a front member; everything else is dominated
+        assert not any(dominates(values[o], values[member], objectives) for o in trials)
+    for other in set(trials) - set(pareto["front"]):
+        assert any(dominates(values[m], values[other], objectives) for m in pareto["front"])
+    # the rule: the best F1 among the trials with at most 5 M parameters (resnet18 has 11 M)
+    allowed = [t for t in trials if values[t]["cost/params_m"] <= 5]
+    best_f1 = max(values[t]["val/f1_macro"] for t in allowed)
+    chosen = pareto["selected"]
+    assert chosen == summary["best_trial"] and chosen in allowed
+    assert values[chosen]["val/f1_macro"] == best_f1
+    assert chosen == min((t for t in allowed if values[t]["val/f1_macro"] == best_f1), key=str)  # ties: earliest
+    by_backbone = {trials[t]["config"]["model.backbone"]: values[t] for t in trials}
+    assert by_backbone["resnet18"]["cost/params_m"] > 10 > by_backbone["simple_cnn"]["cost/params_m"]
+    # --test-front: every member scored on the test split; the chosen one's are the summary's
+    assert set(pareto["front_test"]) == set(pareto["front"]) | {chosen}
+    assert pareto["front_test"][chosen] == summary["test_metrics"]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,), kids = parent_and_children(client, "cxrtune-mo")
+    assert parent.data.tags["cxrtune.pareto_front"] == ",".join(pareto["front"])
+    assert parent.data.tags["cxrtune.selected_trial"] == chosen
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    assert logged == {"pareto_front.csv", "pareto_front.png"}
+    table = pd.read_csv(Path(summary["experiment_dir"]) / "pareto" / "pareto_front.csv")
+    assert sorted(table.loc[table["on_front"], "trial_id"]) == sorted(pareto["front"])
+    assert table.loc[table["selected"], "trial_id"].tolist() == [chosen]
+    # every trial's run carries its cost metrics, each epoch
+    for kid in kids:
+        history = client.get_metric_history(kid.info.run_id, "cost/params_m")
+        assert len(history) == 2 and np.isclose(history[0].value, by_backbone[
+            next(v for k, v in kid.data.params.items() if k.endswith("model.backbone"))]["cost/params_m"])
+        assert "cost/latency_ms" in kid.data.metrics and "cost/train_s" in kid.data.metrics
