@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -42,7 +43,7 @@ from .selection import BestSoFar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CV_FILE", "FoldFailed", "refit_and_evaluate", "FoldEnsemble", "fold_data", "fold_dirs", "is_cv_checkpoint",
+__all__ = ["CV_FILE", "FoldFailed", "refit_and_evaluate", "cv_state", "FoldEnsemble", "fold_data", "fold_dirs", "is_cv_checkpoint",
            "fit_cv", "evaluate_ensemble", "refit_data"]
 
 CV_FILE = "cv.json"
@@ -117,9 +118,10 @@ def _fold_epoch(cfg: TrialConfig, data: PreparedData, k: int, folds: int, work: 
     return got
 
 
-def _cv_state(checkpoint: Optional[Path]) -> dict[str, Any]:
+def cv_state(checkpoint: Optional[Path]) -> dict[str, Any]:
+    """A cross-validated checkpoint's progress (``cv.json``): epoch, best mean, its epoch, history."""
     if checkpoint is None or not (checkpoint / CV_FILE).is_file():
-        return {"epoch": 0, "best": None, "best_epoch": -1, "stale_epochs": 0}
+        return {"epoch": 0, "best": None, "best_epoch": -1, "stale_epochs": 0, "history": []}
     return json.loads((checkpoint / CV_FILE).read_text())
 
 
@@ -129,8 +131,7 @@ def _checkpoint(work: Path, folds: int, state: dict[str, Any]) -> Path:
     for k in range(folds):
         target = out / f"fold_{k}"
         target.mkdir(parents=True, exist_ok=True)
-        src = work / f"fold_{k}" / "checkpoint" / CHECKPOINT_FILE
-        (target / CHECKPOINT_FILE).write_bytes(src.read_bytes())
+        shutil.copyfile(work / f"fold_{k}" / "checkpoint" / CHECKPOINT_FILE, target / CHECKPOINT_FILE)
     write_text(out / CV_FILE, json.dumps(state))
     return out
 
@@ -144,7 +145,7 @@ def fit_cv(cfg: TrialConfig, data: PreparedData, report: Callable[[dict[str, flo
     patience = cfg.loop.early_stopping_patience
     # each fold without early stopping of its own: the trial stops on the mean
     fold_cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, early_stopping_patience=0))
-    state = _cv_state(resume)
+    state = cv_state(resume)
     best = BestSoFar(cfg.loop.select_metric, cfg.loop.mode, state["best"], state["best_epoch"])
     for epoch in range(state["epoch"] + 1, cfg.loop.epochs + 1):
         starts = [None if resume is None else resume / f"fold_{k}" for k in range(folds)]
@@ -155,6 +156,7 @@ def fit_cv(cfg: TrialConfig, data: PreparedData, report: Callable[[dict[str, flo
         else:
             state["stale_epochs"] += 1
         state["epoch"] = epoch
+        state["history"].append(metrics)
         log.info("cv epoch %d/%d  %s %.4f (std %.4f over %d folds)", epoch, cfg.loop.epochs,
                  cfg.loop.select_metric, metrics[cfg.loop.select_metric],
                  metrics[_STD + cfg.loop.select_metric], folds)

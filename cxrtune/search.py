@@ -33,7 +33,7 @@ from .config import DataConfig
 from .data.cache import ImageCache
 from .data.labels import SCHEMES
 from .data.pipeline import PreparedData, prepare_data
-from .cv import evaluate_ensemble, fit_cv, is_cv_checkpoint, refit_and_evaluate
+from .cv import cv_state, evaluate_ensemble, fit_cv, is_cv_checkpoint, refit_and_evaluate
 from .engine import CHECKPOINT_FILE, evaluate_checkpoint, fit, read_checkpoint
 from .errors import ConfigError, SearchFailed, SearchInterrupted
 from .logs import quiet_libraries
@@ -246,9 +246,7 @@ def run_trial(config: dict[str, Any], spec: SearchSpec, shared: SharedData) -> N
 
 def _values_at_best_epoch(checkpoint: Path, metrics: list[str]) -> dict[str, float]:
     """``metrics`` at the best epoch so far of a restored trial (its checkpoint's history)."""
-    if is_cv_checkpoint(checkpoint):  # the folds' means are not kept: the latest value stands in
-        return {}
-    progress = read_checkpoint(checkpoint)["progress"]
+    progress = cv_state(checkpoint) if is_cv_checkpoint(checkpoint) else read_checkpoint(checkpoint)["progress"]
     if progress["best_epoch"] < 1:
         return {}
     epoch = progress["history"][progress["best_epoch"] - 1]
@@ -1037,6 +1035,8 @@ def debug_trial(spec: SearchSpec, output: Optional[str] = None) -> dict[str, Any
         define_by_run(spec)(trial)
         point = dict(trial.params)
     log.info("debug trial of %s at %s", spec.name, point)
+    if spec.search.cv:
+        log.info("search.cv: the debug trial trains one fold (data.fold=%d) of %d", spec.data.fold, spec.data.folds)
     cfg = spec.trial_config(point)
     out = output or str(Path("cxrtune_runs") / f"{spec.name}-debug")
     cfg = dataclasses.replace(cfg, output_dir=out)
