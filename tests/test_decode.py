@@ -6,12 +6,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 
 from cxrtune.data.decode import ImageDecodeError, load_gray, to_square
 from cxrtune.errors import DataError
+from image_files import write_dicom
 
 RNG = np.random.default_rng(0)
 
@@ -138,53 +138,27 @@ def test_int32_and_float_tiff(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, **tags) -> Path:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    if int(pydicom.__version__.split(".")[0]) < 3:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
-    ds.PixelRepresentation = 0
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path)
-    return path
-
-
 def _ramp12(h: int = 8, w: int = 16) -> np.ndarray:
     return np.linspace(0, 4095, h * w).reshape(h, w).astype(np.uint16)
 
 
 def test_dicom_monochrome2_scaled_by_range(tmp_path: Path) -> None:
     a = _ramp12()
-    out = load_gray(_write_dicom(tmp_path / "m2.dcm", a))
+    out = load_gray(write_dicom(tmp_path / "m2.dcm", a))
     assert out.dtype == np.uint8 and out.shape == a.shape
     np.testing.assert_allclose(out, a.astype(float) * 255 / 4095, atol=1)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
     a = _ramp12()
-    out = load_gray(_write_dicom(tmp_path / "m1.dcm", a, "MONOCHROME1"))
+    out = load_gray(write_dicom(tmp_path / "m1.dcm", a, "MONOCHROME1"))
     assert out[0, 0] == 255 and out[-1, -1] == 0  # stored 0 is white in MONOCHROME1
     np.testing.assert_allclose(out, 255 - a.astype(float) * 255 / 4095, atol=1)
 
 
 def test_dicom_voi_window(tmp_path: Path) -> None:
     a = _ramp12()
-    out = load_gray(_write_dicom(tmp_path / "w.dcm", a, WindowCenter=2048, WindowWidth=1024))
+    out = load_gray(write_dicom(tmp_path / "w.dcm", a, WindowCenter=2048, WindowWidth=1024))
     assert (out[a <= 1530] == 0).all() and (out[a >= 2570] == 255).all()
     mid = (a > 1600) & (a < 2500)
     np.testing.assert_allclose(out[mid], (a[mid] - 1536.0) * 255 / 1024, atol=2)
@@ -192,20 +166,20 @@ def test_dicom_voi_window(tmp_path: Path) -> None:
 
 def test_dicom_window_keeps_its_meaning_when_data_does_not_fill_it(tmp_path: Path) -> None:
     a = np.linspace(1800, 2300, 64).reshape(8, 8).astype(np.uint16)
-    out = load_gray(_write_dicom(tmp_path / "n.dcm", a, WindowCenter=2048, WindowWidth=1024))
+    out = load_gray(write_dicom(tmp_path / "n.dcm", a, WindowCenter=2048, WindowWidth=1024))
     # scaled by the window (1536..2560), not stretched to 0..255 by the data's own range
     assert 60 <= out.min() <= 72 and 185 <= out.max() <= 195
 
 
 def test_dicom_rescale_then_window(tmp_path: Path) -> None:
     a = _ramp12()  # stored 0..4095 -> modality values -1000..3095 via the rescale
-    out = load_gray(_write_dicom(tmp_path / "r.dcm", a, RescaleSlope=1, RescaleIntercept=-1000,
+    out = load_gray(write_dicom(tmp_path / "r.dcm", a, RescaleSlope=1, RescaleIntercept=-1000,
                                  WindowCenter=1048, WindowWidth=1024))
     assert (out[a <= 1530] == 0).all() and (out[a >= 2570] == 255).all()
 
 
 def test_dicom_magic_without_suffix(tmp_path: Path) -> None:
-    p = _write_dicom(tmp_path / "noext", _ramp12(), "MONOCHROME1")
+    p = write_dicom(tmp_path / "noext", _ramp12(), "MONOCHROME1")
     assert load_gray(p)[0, 0] == 255
 
 

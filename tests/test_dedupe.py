@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,16 +13,7 @@ from cxrtune.config import DataConfig, from_dict
 from cxrtune.data.dedupe import DedupeContext, apply_dedupe
 from cxrtune.data.pipeline import prepare_data
 from cxrtune.errors import ConfigError
-
-LABELS = ("normal", "bacterial", "viral")
-
-
-def _radiograph(seed: int, side: int = 64) -> np.ndarray:
-    """A smooth random image: distinct seeds give clearly different low frequencies."""
-    rng = np.random.default_rng(seed)
-    img = cv2.GaussianBlur(rng.normal(size=(side, side)).astype(np.float32), (0, 0), 5)
-    return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-
+from image_files import patients_manifest
 
 def _near_copy(src: Path, dst: Path) -> None:
     """Re-exported at another size and as a JPEG: a near, never an exact, duplicate."""
@@ -40,17 +30,8 @@ def _dataset(root: Path) -> dict[str, list[str]]:
       drawn train/val split scatters the copies;
     - ``same_patient``: a copy filed under the original's own patient (always one split).
     """
-    (root / "img").mkdir(parents=True)
+    rows = patients_manifest(root, patients=12, test_patients=3)
     (root / "plant").mkdir()
-    rows = ["path,label,patient_id,split"]
-    seed = 0
-    for label in LABELS:
-        for p in range(12):
-            for k in range(2):
-                seed += 1
-                name = f"img/{label}_{p}_{k}.png"
-                cv2.imwrite(str(root / name), _radiograph(seed))
-                rows.append(f"{name},{label},{label[0]}{p},{'test' if p < 3 else 'train'}")
     groups = {"test_copy": ["img/normal_0_0.png", "plant/test-copy.jpg"]}
     _near_copy(root / "img/normal_0_0.png", root / "plant/test-copy.jpg")
     rows.append("plant/test-copy.jpg,normal,x-test,train")

@@ -18,8 +18,8 @@ from cxrtune.config import DataConfig, from_dict
 from cxrtune.data.exclusions import read_exclusions
 from cxrtune.data.pipeline import prepare_data
 from cxrtune.errors import ConfigError, DataError
+from image_files import patients_manifest, radiograph
 
-LABELS = ("normal", "bacterial", "viral")
 # Planted images that look off (relative paths), and grey images stored as colour files,
 # which must not be reported.
 TINTED = ("odd/tinted-sepia.png", "odd/tinted-green.jpg")
@@ -28,26 +28,20 @@ BLANK = "odd/blank.png"
 GREY_AS_COLOUR = ("odd/grey-rgb.png", "odd/grey-rgb.jpg")
 
 
-def _radiograph(seed: int, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = cv2.GaussianBlur(rng.normal(size=shape).astype(np.float32), (0, 0), 5)
-    return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-
-
 def _plant_odd(root: Path) -> list[str]:
     """Manifest rows of the planted images; tinted-green.jpg is in the official test split."""
     (root / "odd").mkdir()
-    grey = _radiograph(1001).astype(np.float32)
+    grey = radiograph(1001).astype(np.float32)
     sepia = np.stack([grey * 0.55, grey * 0.8, grey], axis=-1)  # OpenCV writes BGR: a warm cast
     cv2.imwrite(str(root / TINTED[0]), sepia.astype(np.uint8))
-    grey = _radiograph(1006).astype(np.float32)  # another radiograph: not a near-duplicate of the first
+    grey = radiograph(1006).astype(np.float32)  # another radiograph: not a near-duplicate of the first
     green = np.stack([grey * 0.7, grey, grey * 0.7], axis=-1)
     cv2.imwrite(str(root / TINTED[1]), green.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    cv2.imwrite(str(root / STRIP), _radiograph(1002, (40, 120)))  # 120 x 40 px: width/height 3
+    cv2.imwrite(str(root / STRIP), radiograph(1002, (40, 120)))  # 120 x 40 px: width/height 3
     blank = 200 + np.random.default_rng(1003).normal(0, 1, (64, 64))
     cv2.imwrite(str(root / BLANK), np.clip(blank, 0, 255).astype(np.uint8))
     for k, name in enumerate(GREY_AS_COLOUR):
-        g = _radiograph(1004 + k)
+        g = radiograph(1004 + k)
         cv2.imwrite(str(root / name), cv2.cvtColor(g, cv2.COLOR_GRAY2BGR))
     rows = [f"{TINTED[0]},normal,o1,train", f"{TINTED[1]},bacterial,o2,test", f"{STRIP},viral,o3,train",
             f"{BLANK},normal,o4,train"]
@@ -56,16 +50,7 @@ def _plant_odd(root: Path) -> list[str]:
 
 def _dataset(root: Path, odd: bool = True) -> Path:
     """10 patients per class, 2 images each; patients 0-1 in the official test split."""
-    (root / "img").mkdir(parents=True)
-    rows = ["path,label,patient_id,split"]
-    seed = 0
-    for label in LABELS:
-        for p in range(10):
-            for k in range(2):
-                seed += 1
-                name = f"img/{label}_{p}_{k}.png"
-                cv2.imwrite(str(root / name), _radiograph(seed))
-                rows.append(f"{name},{label},{label[0]}{p},{'test' if p < 2 else 'train'}")
+    rows = patients_manifest(root, patients=10, test_patients=2)
     if odd:
         rows += _plant_odd(root)
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")

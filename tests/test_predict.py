@@ -17,7 +17,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
@@ -25,6 +24,7 @@ from PIL import Image
 from cxrtune.data.decode import load_gray
 from cxrtune.data.labels import SCHEMES
 from cxrtune.metrics import scheme_metrics
+from image_files import write_dicom
 from servers import cxrtune, free_port, json_lines, kill_group, parent_and_children
 
 MODEL = "models:/cxrtune-best/1"
@@ -92,28 +92,6 @@ def test_predicting_the_test_split_reproduces_the_logged_test_metrics(searched, 
 # ---------------------------------------------------------------- what an image may be
 
 
-def _write_dicom(path: Path, pixels: np.ndarray) -> Path:
-    """A Part 10 DICOM file (MONOCHROME2, 16 bits allocated, no window) of ``pixels``."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    if int(pydicom.__version__.split(".")[0]) < 3:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path)
-    return path
-
-
 def test_paths_bytes_and_arrays_give_the_same_probabilities(pyfunc_model, test_split, tmp_path):
     classes = pyfunc_model.metadata.metadata["preprocessing"]["classes"]
     gray = load_gray(test_split["path"][0])  # a test image, as an 8-bit grey array
@@ -142,7 +120,7 @@ def test_16_bit_png_dicom_and_colour_images_are_predicted_as_their_decode_reads_
     wide = (np.linspace(300, 3800, 60 * 50).reshape(60, 50) + rng.normal(0, 40, (60, 50))).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "wide.png"), wide)
     assert Image.open(tmp_path / "wide.png").mode.startswith("I")  # really a 16-bit file
-    dcm = _write_dicom(tmp_path / "wide.dcm", wide)
+    dcm = write_dicom(tmp_path / "wide.dcm", wide, bits=16)
     # the same pixels as a 16-bit PNG, a DICOM file, DICOM bytes and a uint16 array: one answer
     # (each alone: on a CPU, another batch size may change a probability's last float32 bit)
     answers = [probabilities(pyfunc_model.predict(pd.DataFrame({column: [value]})), classes)

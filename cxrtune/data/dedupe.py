@@ -43,7 +43,7 @@ from ..atomic import replacing_file
 from ..registry import Registry
 
 __all__ = ["CHANGE_COLUMNS", "DEDUPE_MODES", "DEDUPE_MODE_NAMES", "DedupeContext", "SplitChange",
-           "apply_dedupe", "change_counts", "changes_path", "save_changes"]
+           "apply_dedupe", "change_counts", "changes_path", "merge_linked", "save_changes"]
 
 log = logging.getLogger(__name__)
 
@@ -130,30 +130,35 @@ def _move_to(df: pd.DataFrame, i: int, place: str, ctx: DedupeContext) -> None:
         df.at[i, "fold"] = -1
 
 
-def _units(df: pd.DataFrame, clusters: list[list[int]]) -> list[tuple[list[int], list[int]]]:
-    """(rows, clusters) of each set of patient groups linked by near-duplicates: moving a
-    duplicate alone would split its patient, so a whole unit moves."""
-    groups = df["group"].to_numpy(dtype=object)
-    parent: dict[str, str] = {}
+def merge_linked(keys: Sequence[str], links: Iterable[Iterable[int]]) -> list[str]:
+    """Each key's merged key: keys of the items in one link (indices into ``keys``) become
+    one, named by the smallest key in it (deterministic), transitively."""
+    parent = {k: k for k in keys}
 
     def find(k: str) -> str:
-        parent.setdefault(k, k)
         while parent[k] != k:
             parent[k] = parent[parent[k]]
             k = parent[k]
         return k
 
-    for c in clusters:
-        roots = sorted({find(groups[i]) for i in c})
+    for link in links:
+        roots = sorted({find(keys[i]) for i in link})
         for other in roots[1:]:
-            parent[find(other)] = roots[0]
-    rows: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        if g in parent:
-            rows[find(g)].append(i)
+            parent[other] = roots[0]
+    return [find(k) for k in keys]
+
+
+def _units(df: pd.DataFrame, clusters: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(rows, clusters) of each set of patient groups linked by near-duplicates: moving a
+    duplicate alone would split its patient, so a whole unit moves."""
+    roots = merge_linked([str(g) for g in df["group"]], clusters)
     members: dict[str, list[int]] = defaultdict(list)
     for k, c in enumerate(clusters):
-        members[find(groups[c[0]])].append(k)
+        members[roots[c[0]]].append(k)
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, root in enumerate(roots):
+        if root in members:
+            rows[root].append(i)
     return [(rows[root], members[root]) for root in sorted(members, key=lambda r: members[r][0])]
 
 

@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ..atomic import replacing_file
 from ..config import DataConfig
 from ..errors import DataError
+from .dedupe import merge_linked
 from .exclusions import exclusion_digest
 from .labels import Labelled
 from .manifest import Record
@@ -62,19 +63,7 @@ def patient_groups(records: Sequence[Record], duplicates: Iterable[Iterable[int]
     Deterministic: a merged group is named by the smallest key it contains.
     """
     keys = [r.patient_id or name_group(r.path) or f"image:{r.path}" for r in records]
-    parent = {k: k for k in keys}
-
-    def find(k: str) -> str:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for cluster in duplicates:
-        roots = sorted({find(keys[i]) for i in cluster})
-        for other in roots[1:]:
-            parent[other] = roots[0]
-    return [find(k) for k in keys]
+    return merge_linked(keys, duplicates)
 
 
 def log_missing_patient_ids(records: Sequence[Record], groups: Sequence[str]) -> None:
