@@ -39,7 +39,7 @@ from .errors import ConfigError, SearchFailed, SearchInterrupted
 from .logs import quiet_libraries
 from .pareto import choose
 from .selection import best_index, direction, rank_key
-from .space import SearchSettings, SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
+from .space import ReportConfig, SearchSettings, SearchSpec, check_inputs, define_by_run, grid_points, optuna_sampler
 # what became of a trial: the words the MLflow child runs carry too
 from .tracking import (COMPLETED, FAILED, NOT_STARTED, STOPPED_EARLY, Tracker, TrialLogger, TrialRecord,
                        ended_as, error_text, flatten)
@@ -702,9 +702,11 @@ def _space_record(spec: SearchSpec) -> dict[str, Any]:
 
 
 def _added_search_defaults(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Search settings a newer cxrtune added, at their defaults: a search an older one
-    started did the same without them (settings that change the data are not excused)."""
-    defaults = flatten(json.loads(json.dumps({"search": dataclasses.asdict(SearchSettings())}, default=str)))
+    """Search and report settings a newer cxrtune added, at their defaults: a search an
+    older one started did the same without them (settings that change the data are not
+    excused)."""
+    sections = {"search": SearchSettings(), "report": ReportConfig()}
+    defaults = flatten(json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, default=str)))
     return {k for k in new.keys() - old.keys() if k in defaults and new[k] == defaults[k]}
 
 

@@ -15,7 +15,8 @@ def searched(tmp_path_factory):
     (its folder, its JSON summary). The report, predict and serve tests read what it
     left: MLflow runs, the registered ``cxrtune-best``, the report bundle, optuna.db."""
     cwd = tmp_path_factory.mktemp("demo-search")
-    sets = [a for s in [*TINY, "search.num_samples=4", "fixed.loop.epochs=3"] for a in ("--set", s)]
+    sets = [a for s in [*TINY, "search.num_samples=4", "fixed.loop.epochs=3", "report.explain=true"]
+            for a in ("--set", s)]
     proc = cxrtune(cwd, "search", "demo", "--json", *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, json.loads(proc.stdout)

@@ -86,8 +86,9 @@ def _healthy(uri: str) -> bool:
 
 
 # A tiny version of the demo space: 32 px, a few batches per epoch.
+# report.explain=false: the report tests (conftest's shared search) turn explanations back on
 TINY = ["data.image_size=32", "data.synthetic_n=120", "fixed.loop.batch_size=16",
-        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2"]
+        "fixed.loop.max_train_batches=4", "fixed.loop.max_eval_batches=2", "report.explain=false"]
 
 
 def cxrtune(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

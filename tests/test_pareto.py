@@ -148,6 +148,7 @@ search:
   objectives: [{metric: val/f1_macro}, {metric: cost/params_m}, {metric: cost/gflops}]
   select: {max_params_m: 5}
   cost_repeats: 2
+report: {explain: false, resamples: 200}
 """
 
 
@@ -176,6 +177,11 @@ def test_a_multi_objective_search_finds_its_front_and_registers_the_rules_choice
     # --test-front: every member scored on the test split; the chosen one's are the summary's
     assert set(pareto["front_test"]) == set(pareto["front"]) | {chosen}
     assert pareto["front_test"][chosen] == summary["test_metrics"]
+
+    # report: {explain: false, resamples: 200}: no Grad-CAM, occlusion, t-SNE or shortcut check
+    bundle = json.loads((Path(summary["experiment_dir"]) / "report" / "report.json").read_text())
+    assert "shortcut" not in bundle and bundle["test"]["resamples"] == 200
+    assert not {"gradcam.png", "occlusion.png", "tsne.png"} & {f["file"] for f in bundle["figures"]}
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (parent,), kids = parent_and_children(client, "cxrtune-mo")

@@ -272,18 +272,20 @@ def test_search_settings_checks(tmp_path):
         search: {algorithm: hyperopt, scheduler: {name: median, grace_period: 0, reduction_factor: 1},
                  metric: val/loss, mode: max, num_samples: 0, max_concurrent: 0}
         resources: {cpu: 1, gpu: -1}
+        report: {resamples: 0}
         """)
     with pytest.raises(ConfigError) as err:
         load_spec(path)
     msg = str(err.value)
     for piece in ("search.algorithm='hyperopt': unknown algorithm; valid algorithms: optuna_tpe, optuna_nsga2, random, grid",
                   "search.scheduler.name='median'", "val/loss is lower-is-better", "search.num_samples=0",
-                  "search.max_concurrent=0", "resources.gpu=-1.0"):
+                  "search.max_concurrent=0", "resources.gpu=-1.0", "report.resamples=0: must be >= 1"):
         assert piece in msg, piece
     path.write_text(path.read_text().replace("image_size: 64", "image_size: 16"))
     with pytest.raises(ConfigError, match="at least"):  # resnet18 on 16 px images
         load_spec(path, ["search.algorithm=random", "search.mode=min", "search.num_samples=2",
-                         "search.max_concurrent=1", "search.scheduler={name: fifo}", "resources.gpu=0"])
+                         "search.max_concurrent=1", "search.scheduler={name: fifo}", "resources.gpu=0",
+                         "report.resamples=100"])
 
 
 def test_overrides_apply():

@@ -74,9 +74,10 @@ def write_report(out_dir: Path, spec: SearchSpec, data: PreparedData, trials: li
             best = trials[0]
             report["best"] = {"trial_id": best.trial_id, "val": best.best, "epoch": best.best_epoch,
                               "config": best.config}
-            report["test"] = _test_section(evaluation, data, tmp, figures, seed)
+            report["test"] = _test_section(evaluation, data, tmp, figures, seed, spec.report.resamples)
             _curves_section(trials, spec.metric, tmp, figures)
-            report["shortcut"] = _explain_section(evaluation, data, tmp, figures, seed)
+            if spec.report.explain:
+                report["shortcut"] = _explain_section(evaluation, data, tmp, figures, seed)
         report["figures"] = [asdict(f) for f in figures]
         report["build_s"] = round(time.perf_counter() - start, 1)
         (tmp / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2))
@@ -173,7 +174,8 @@ def _search_section(spec: SearchSpec, trials: list[ReportTrial], storage: Option
             "study": study.study_name}
 
 
-def _test_section(ev: Any, data: PreparedData, out: Path, figures: list[Figure], seed: int) -> dict[str, Any]:
+def _test_section(ev: Any, data: PreparedData, out: Path, figures: list[Figure], seed: int,
+                  resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """Test figures and every test metric with its 95 % bootstrap interval over patients."""
     from .bootstrap import bootstrap_intervals, fast_scheme_metrics
     from .figures import evaluation_figures
@@ -191,11 +193,11 @@ def _test_section(ev: Any, data: PreparedData, out: Path, figures: list[Figure],
     # the numpy metrics (tested equal to metrics.py's) make 1,000 resamples a second, not a minute
     intervals = bootstrap_intervals(ev.y_true, ev.probs, groups,
                                     partial(fast_scheme_metrics, scheme=data.scheme, prefix="test/"),
-                                    n=BOOTSTRAP_RESAMPLES, seed=seed)
+                                    n=resamples, seed=seed)
     log.info("bootstrap intervals of %d test metrics (%d resamples of %d patients) in %.1f s", len(intervals),
-             BOOTSTRAP_RESAMPLES, len(set(groups)), time.perf_counter() - start)
+             resamples, len(set(groups)), time.perf_counter() - start)
     return {"metrics": ev.metrics, "intervals": {k: list(v) for k, v in intervals.items()},
-            "images": len(ev.y_true), "groups": len(set(groups)), "resamples": BOOTSTRAP_RESAMPLES,
+            "images": len(ev.y_true), "groups": len(set(groups)), "resamples": resamples,
             "level": 0.95}
 
 

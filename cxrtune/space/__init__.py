@@ -12,10 +12,12 @@ A search-space file has these top-level sections::
       preprocess.tile_grid: {int: [4, 16, 4]}          # optional step
       loss.gamma: {quniform: [0.5, 3.0, 0.5]}          # low, high, q
     search: {algorithm, scheduler: {name, grace_period, reduction_factor, max_epochs},
-             metric, mode, num_samples, max_concurrent, time_budget_s, seed}
+             metric, mode, objectives, select, cost_repeats, cv, cv_test,
+             num_samples, max_concurrent, time_budget_s, seed}
     resources: {cpu, gpu}        # per trial; fractional gpu shares a device
     tracking: {uri, experiment, register_model}
-    storage: {path}
+    storage: {path, keep_checkpoints}
+    report: {explain, resamples} # what the finished search's report computes
 
 A parameter with ``when`` is only sampled when every condition holds for the values
 already drawn (conditions may only use parameters declared above it); otherwise it is
@@ -35,9 +37,9 @@ The package is split by concern: ``spec`` (dataclasses, searchable keys), ``load
 from .check import check_inputs
 from .load import bundled_spaces, load_spec, resolve_space_path
 from .sampling import DefineByRun, define_by_run, grid_points, optuna_sampler
-from .spec import (ALGORITHMS, BUNDLED_DIR, KINDS, SCHEDULERS, Param, Resources, SchedulerSpec, SearchSettings,
-                   SearchSpec, StorageConfig, TrackingConfig)
+from .spec import (ALGORITHMS, BUNDLED_DIR, KINDS, SCHEDULERS, Param, ReportConfig, Resources, SchedulerSpec,
+                   SearchSettings, SearchSpec, StorageConfig, TrackingConfig)
 
-__all__ = ["Param", "SchedulerSpec", "SearchSettings", "Resources", "TrackingConfig", "StorageConfig",
+__all__ = ["Param", "SchedulerSpec", "SearchSettings", "Resources", "TrackingConfig", "StorageConfig", "ReportConfig",
            "SearchSpec", "load_spec", "check_inputs", "define_by_run", "DefineByRun", "grid_points", "optuna_sampler",
            "BUNDLED_DIR", "resolve_space_path", "bundled_spaces", "KINDS", "ALGORITHMS", "SCHEDULERS"]

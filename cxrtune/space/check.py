@@ -187,6 +187,8 @@ def check_spec(spec: SearchSpec, problems: list[str]) -> None:
         v = getattr(spec.tracking, k)
         if v is not None and not v.strip():
             problems.append(f"tracking.{k}: empty; use null for the default")
+    if spec.report.resamples < 1:
+        problems.append(f"report.resamples={spec.report.resamples}: must be >= 1 (1000 gives stable 95 % intervals)")
     if not spec.storage.path.strip():
         problems.append("storage.path: empty; give a folder, a shared path or an s3:// URI")
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from ..config import DataConfig, TrialConfig, apply_overrides, from_dict, read_yaml
 from ..errors import ConfigError
 from .check import check_spec, kind_type_problem, problem_lines
-from .spec import (BUNDLED_DIR, KINDS, TOP_KEYS, Param, Resources, SearchSettings, SearchSpec, StorageConfig,
+from .spec import (BUNDLED_DIR, KINDS, TOP_KEYS, Param, ReportConfig, Resources, SearchSettings, SearchSpec, StorageConfig,
                    TrackingConfig, is_number, key_type, same_value)
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,11 @@ def _build_spec(raw: dict[str, Any], file: Path, problems: list[str]) -> SearchS
                       "tracking", problems)
     storage = _build(StorageConfig, _lenient(StorageConfig, raw.get("storage"), "storage", problems),
                      "storage", problems)
+    report = _build(ReportConfig, _lenient(ReportConfig, raw.get("report"), "report", problems), "report", problems)
 
     params = _parse_space(raw.get("space"), fixed_good, problems)
     return SearchSpec(name=name, file=str(file), data=data, fixed=copy.deepcopy(fixed_good), params=params, search=search, resources=resources,
-                      tracking=tracking, storage=storage)
+                      tracking=tracking, storage=storage, report=report)
 
 
 def _parse_space(space: Any, fixed: Mapping[str, Any], problems: list[str]) -> tuple[Param, ...]:

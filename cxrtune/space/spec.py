@@ -33,7 +33,7 @@ SCHEDULERS: dict[str, str] = {
 # how the chosen cross-validated trial is tested: its fold models' ensemble, or a model
 # refit on train+val for the best epoch count (cv.py)
 CV_TESTS = ("ensemble", "refit")
-TOP_KEYS = ("name", "data", "fixed", "space", "search", "resources", "tracking", "storage")
+TOP_KEYS = ("name", "data", "fixed", "space", "search", "resources", "tracking", "storage", "report")
 # searching these would make trials select their checkpoints on different things
 UNSEARCHABLE = {
     "loop.select_metric": "every trial must select on the same metric; set it in fixed.loop",
@@ -204,6 +204,16 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What the report a finished search writes computes (report/build.py)."""
+
+    # Grad-CAM and occlusion overlays, the t-SNE and the shortcut check (a few seconds at
+    # 32 px, under a minute at 224 px on a CPU); false leaves them out
+    explain: bool = True
+    resamples: int = 1000  # patient-bootstrap resamples per test metric's 95 % interval
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     """A validated search space (see the module docstring)."""
 
@@ -216,6 +226,7 @@ class SearchSpec:
     resources: Resources = field(default_factory=Resources)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def metric(self) -> str:
