@@ -68,6 +68,18 @@ def run(fn, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(1) from None
 
 
+def run_trial(fn, *args: Any, **kwargs: Any) -> Any:
+    """``run`` for a command that trains in this process: a diverged run is one line and
+    exit code 2 too (a traceback would not help to fix a config); bugs keep theirs."""
+    from .engine import TrainingDiverged
+
+    try:
+        return run(fn, *args, **kwargs)
+    except TrainingDiverged as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def data_config(**options: Any) -> DataConfig:
     given = {k: v for k, v in options.items() if v is not None}
     cfg = run(from_dict, DataConfig, given, "data", "command line")
@@ -190,21 +202,14 @@ def train_cmd(
     """Train one trial in-process, without Ray (the local single-GPU / CPU debug mode).
     --debug writes to <output>-debug."""
     from .config import load_trial_config
-    from .engine import TrainingDiverged
     from .train import train
 
     sets = list(overrides) + ([f"output_dir={output}"] if output else [])
     cfg = run(load_trial_config, config, sets)
     if debug:  # full tracebacks for bugs: the point of --debug is to see where it breaks
         logging.getLogger("cxrtune").setLevel(logging.DEBUG)
-    try:
-        # user-input errors (and a diverged run) are one line in both modes: a traceback
-        # would not help to fix a config
-        summary = run(train, cfg, debug=debug, resume=resume, overwrite=overwrite,
-                      resume_with_changes=resume_with_changes)
-    except TrainingDiverged as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    summary = run_trial(train, cfg, debug=debug, resume=resume, overwrite=overwrite,
+                        resume_with_changes=resume_with_changes)
     emit(summary, as_json, lambda r: typer.echo(
         f"{r['epochs']} epochs; best {r['select_metric']} {r['best']:.4f} at epoch {r['best_epoch']}; "
         f"results in {r['output_dir']}"))
@@ -262,7 +267,7 @@ def search_cmd(
     spec = _load_space(space, overrides)
     if debug:
         logging.getLogger("cxrtune").setLevel(logging.DEBUG)
-        summary = debug_trial(spec)
+        summary = run_trial(debug_trial, spec)
         emit(summary, as_json, lambda r: typer.echo(
             f"debug trial at {r['point']}: {r['epochs']} epochs, {r['select_metric']} {r['best']:.4f}; "
             f"results in {r['output_dir']}"))

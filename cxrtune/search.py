@@ -1029,6 +1029,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
 
 def debug_trial(spec: SearchSpec, output: Optional[str] = None) -> dict[str, Any]:
     """`cxrtune search --debug`: one point of the space, in-process, no Ray (as `train --debug`)."""
+    quiet_libraries()  # Optuna is imported now: its "new study created" line is noise
     if spec.search.algorithm == "grid":
         point = grid_points(spec)[0]
     else:
