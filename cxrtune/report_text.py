@@ -124,15 +124,17 @@ def render_search(r: dict[str, Any]) -> None:
     shown = "every trial" if len(trials) == len(r["trials"]) else f"top {len(trials)} of {len(r['trials'])} trials"
     table = Table(title=f"search {r['name']}: {shown} by {r['metric']} ({r['mode']}, best epoch)")
     pareto = r.get("pareto") or {}
-    others = [o["metric"] for o in pareto.get("objectives", [])[1:]]
-    for col in ("trial", "status", "epochs", r["metric"], *others, *(["front"] if pareto else []), "config / error"):
+    # the other objectives, then the metrics a select rule limits (a single objective may have limits)
+    others = list(dict.fromkeys([o["metric"] for o in pareto.get("objectives", [])[1:]] + [*pareto.get("limits", {})]))
+    chosen = ("front" if len(pareto.get("objectives", [])) > 1 else "chosen") if pareto else None
+    for col in ("trial", "status", "epochs", r["metric"], *others, *([chosen] if chosen else []), "config / error"):
         table.add_column(col)
     for t in trials:
         best = "-" if t["best"] is None else f"{t['best']:.4f}"
         extra = [_number_text((t.get("values") or {}).get(m)) for m in others]
         if pareto:
-            extra.append(("*" if t["trial_id"] in pareto["front"] else "")
-                         + (" tested" if t["trial_id"] == pareto["selected"] else ""))
+            extra.append(" ".join(["*"] * (t["trial_id"] in pareto["front"])
+                                  + ["tested"] * (t["trial_id"] == pareto["selected"])))
         table.add_row(str(t["trial_id"]), t["status"], str(t["epochs"]), best, *extra,
                       t["error"] or _config_text(t["config"]))
     console.print(table)
@@ -142,7 +144,9 @@ def render_search(r: dict[str, Any]) -> None:
     console.print(f"{r['n_trials']} trials: {c['completed']} completed, {c['stopped_early']} stopped early by "
                   f"the scheduler, {c['failed']} failed" + (f", {c['not_started']} never started"
                                                            if c["not_started"] else ""))
-    console.print(f"best trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f} at epoch {r['best_epoch']}; "
+    # a rule (several objectives, limits) may test another trial than the best by the metric
+    console.print(f"{'tested' if pareto else 'best'} trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f} "
+                  f"at epoch {r['best_epoch']}; "
                   f"config {_config_text(r['best_config'])}")
     test = r["test_metrics"]
     keys = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
@@ -180,8 +184,9 @@ def _number_text(value: Any) -> str:
 def _render_front(pareto: dict[str, Any]) -> None:
     """The Pareto front, the rule's choice and, after --test-front, each member's test scores."""
     names = ", ".join(f"{o['metric']} ({o['mode']})" for o in pareto["objectives"])
-    console.print(f"Pareto front on {names}: {len(pareto['front'])} trial(s) ({', '.join(pareto['front'])}); "
-                  f"tested and registered: {pareto['selected']}, {pareto['reason']}")
+    front = (f"Pareto front on {names}: {len(pareto['front'])} trial(s) ({', '.join(pareto['front'])}); "
+             if len(pareto["objectives"]) > 1 else "")
+    console.print(f"{front}tested and registered: {pareto['selected']}, {pareto['reason']}")
     tests = pareto.get("front_test") or {}
     if len(tests) > 1:
         keys = [k for k in ("test/f1_macro", "test/accuracy", "test/roc_auc_macro") if k in next(iter(tests.values()))]

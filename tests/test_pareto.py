@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.image import imread
 from mlflow import MlflowClient
 
 from cxrtune.config import TrialConfig
@@ -182,6 +183,15 @@ def test_a_multi_objective_search_finds_its_front_and_registers_the_rules_choice
     bundle = json.loads((Path(summary["experiment_dir"]) / "report" / "report.json").read_text())
     assert "shortcut" not in bundle and bundle["test"]["resamples"] == 200
     assert not {"gradcam.png", "occlusion.png", "tsne.png"} & {f["file"] for f in bundle["figures"]}
+    # the report tells the tested trial and why, and shows the front
+    assert bundle["best"]["trial_id"] == chosen and bundle["best"]["chosen_by"] == pareto["reason"]
+    assert bundle["pareto"]["selected"] == chosen and bundle["pareto"]["front"] == pareto["front"]
+    assert {r["trial_id"] for r in bundle["pareto"]["rows"] if r["on_front"]} == set(pareto["front"])
+    assert "pareto_front.png" in {f["file"] for f in bundle["figures"]}
+    assert bundle["search"]["choice"] == {"objectives": "val/f1_macro (max), cost/params_m (min), cost/gflops (min)",
+                                          "select": "the best by val/f1_macro within cost/params_m <= 5"}
+    html = (Path(summary["experiment_dir"]) / "report" / "report.html").read_text()
+    assert f"Tested trial: {chosen}" in html and 'id="front-table"' in html
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (parent,), kids = parent_and_children(client, "cxrtune-mo")
@@ -192,9 +202,83 @@ def test_a_multi_objective_search_finds_its_front_and_registers_the_rules_choice
     table = pd.read_csv(Path(summary["experiment_dir"]) / "pareto" / "pareto_front.csv")
     assert sorted(table.loc[table["on_front"], "trial_id"]) == sorted(pareto["front"])
     assert table.loc[table["selected"], "trial_id"].tolist() == [chosen]
+    # the test figures are on the tested trial's run, and on no other
+    with_figures = {k.data.tags["cxrtune.trial_id"] for k in kids if client.list_artifacts(k.info.run_id, "report")}
+    assert with_figures == {chosen}
     # every trial's run carries its cost metrics, each epoch
     for kid in kids:
         history = client.get_metric_history(kid.info.run_id, "cost/params_m")
         assert len(history) == 2 and np.isclose(history[0].value, by_backbone[
             next(v for k, v in kid.data.params.items() if k.endswith("model.backbone"))]["cost/params_m"])
         assert "cost/latency_ms" in kid.data.metrics and "cost/train_s" in kid.data.metrics
+
+
+LIMITED = """
+name: limited
+data: {source: synthetic, task: three_class, image_size: 32, synthetic_n: 120}
+fixed:
+  optimizer: {name: adam, lr: 0.003}
+  loop: {epochs: 1, batch_size: 16, max_train_batches: 4, max_eval_batches: 2}
+space:
+  model.backbone: {choice: [resnet18, simple_cnn]}
+search: {algorithm: grid, scheduler: fifo, select: {max_params_m: 5}, cost_repeats: 2}
+report: {explain: false, resamples: 100}
+"""
+
+
+def test_a_limit_in_a_single_objective_search_tests_the_trial_within_it(tmp_path):
+    """One objective and a cost limit: no front, but the trial tested is the best within the
+    limit, and the report, the plot and MLflow all speak of that trial."""
+    (tmp_path / "limited.yaml").write_text(LIMITED)
+    proc = cxrtune(tmp_path, "search", "limited.yaml", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    by_backbone = {t["config"]["model.backbone"]: t["trial_id"] for t in summary["trials"]}
+    chosen = by_backbone["simple_cnn"]  # resnet18 has 11 M parameters
+    assert summary["best_trial"] == summary["pareto"]["selected"] == chosen and summary["pareto"]["front"] == []
+    results = Path(summary["experiment_dir"])
+    assert imread(results / "pareto" / "pareto_front.png").shape[1] > 100
+    bundle = json.loads((results / "report" / "report.json").read_text())
+    assert bundle["best"]["trial_id"] == chosen
+    assert bundle["search"]["choice"] == {"select": "the best by val/f1_macro within cost/params_m <= 5"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, kids = parent_and_children(client, "cxrtune-limited")
+    with_figures = {k.data.tags["cxrtune.trial_id"] for k in kids if client.list_artifacts(k.info.run_id, "report")}
+    assert with_figures == {chosen}
+
+
+def test_the_report_names_the_tested_trial_not_the_best_by_the_metric(tmp_path, monkeypatch):
+    """Planted: trial a has the best F1, the rule tested b. The report's trial section, its
+    learning curves and the front table are b's; the HTML says so."""
+    from cxrtune.data.pipeline import prepare_data
+    from cxrtune.engine import Evaluation
+    from cxrtune.report.build import ReportTrial, write_report
+    from cxrtune.report.front import front_table
+    from cxrtune.report.html import render
+
+    monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
+    spec = load_spec(write(tmp_path, "objectives: [{metric: val/f1_macro}, {metric: cost/params_m}]\n"
+                                      "select: knee\nscheduler: fifo\n"), ["report.explain=false",
+                                                                          "report.resamples=20"])
+    data = prepare_data(spec.data, progress=False)
+    history = [{"epoch": 1.0, "val/f1_macro": 0.5, "train/loss": 1.0, "val/loss": 1.1}]
+    trials = [ReportTrial("a", "completed", 1, 0.9, 1, {"model.backbone": "convnet5"}, history=history),
+              ReportTrial("b", "completed", 1, 0.7, 1, {"model.backbone": "simple_cnn"}, history=history)]
+    rows = [{"trial_id": t.trial_id, "status": t.status, "best_epoch": 1, "on_front": True,
+             "values": {"val/f1_macro": t.best, "cost/params_m": p}} for t, p in zip(trials, (1.6, 0.7))]
+    pareto = {"objectives": [{"metric": "val/f1_macro", "mode": "max"}, {"metric": "cost/params_m", "mode": "min"}],
+              "front": ["a", "b"], "selected": "b", "reason": "the knee of the Pareto front", "limits": {}}
+    test = data.split[data.split["split"] == "test"]
+    y = test["target"].map(list(data.scheme.classes).index).to_numpy()
+    probs = np.full((len(y), len(data.scheme.classes)), 0.1)
+    probs[np.arange(len(y)), y] = 0.8
+    probs /= probs.sum(1, keepdims=True)
+    ev = Evaluation({}, np.eye(3), y, probs, None, None, (0.5, 0.25), None, torch.device("cpu"))
+    report = write_report(tmp_path / "bundle", spec, data, trials, ev, tested="b", pareto=pareto,
+                          front=front_table(rows, spec.objectives, "b", {}))
+    assert report["best"]["trial_id"] == "b" and report["best"]["chosen_by"] == "the knee of the Pareto front"
+    titles = {f["file"]: f["title"] for f in report["figures"]}
+    assert "(b)" in titles["curves_best.png"] and "pareto_front.png" in titles
+    assert [(r["trial_id"], r["selected"]) for r in report["pareto"]["rows"]] == [("a", False), ("b", True)]
+    html = render(tmp_path / "bundle")
+    assert "Tested trial: b" in html and "Best trial" not in html and "the knee of the Pareto front" in html

@@ -15,13 +15,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
 from ..atomic import replacing_dir
 from ..data.pipeline import PreparedData
 from ..space.spec import SearchSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,14 @@ class Figure:
 
 
 def write_report(out_dir: Path, spec: SearchSpec, data: PreparedData, trials: list[ReportTrial],
-                 evaluation: Any = None, optuna_storage: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
+                 evaluation: Any = None, optuna_storage: Optional[str] = None, seed: int = 0,
+                 tested: Optional[str] = None, pareto: Optional[dict[str, Any]] = None,
+                 front: Optional[pd.DataFrame] = None) -> dict[str, Any]:
     """Write the bundle of a search to ``out_dir`` (replaced whole, atomically) and return
-    its ``report.json`` content. ``trials`` best first; ``evaluation`` is the best trial's
-    test ``engine.Evaluation``, None when every trial failed."""
+    its ``report.json`` content. ``trials`` best first; ``evaluation`` is the test
+    ``engine.Evaluation`` of trial ``tested`` (default: the best), None when every trial
+    failed. A search that chose its tested trial by a rule passes the choice (``pareto``,
+    as its summary has it) and the front's table (``report/front.py``)."""
     start = time.perf_counter()
     with replacing_dir(Path(out_dir)) as tmp:
         figures: list[Figure] = []
@@ -70,12 +77,14 @@ def write_report(out_dir: Path, spec: SearchSpec, data: PreparedData, trials: li
             "counts": _counts(trials), "trials": [_trial_row(t) for t in trials[:TABLE_TRIALS]],
             "status": "finished" if evaluation is not None else "all_failed"}
         report["optuna"] = _search_section(spec, trials, optuna_storage, tmp, figures)
+        if pareto and front is not None:
+            report["pareto"] = _front_section(spec, pareto, front, tmp, figures)
         if evaluation is not None:
-            best = trials[0]
+            best = next((t for t in trials if t.trial_id == tested), trials[0])
             report["best"] = {"trial_id": best.trial_id, "val": best.best, "epoch": best.best_epoch,
-                              "config": best.config}
+                              "config": best.config, "chosen_by": pareto["reason"] if pareto else None}
             report["test"] = _test_section(evaluation, data, tmp, figures, seed, spec.report.resamples)
-            _curves_section(trials, spec.metric, tmp, figures)
+            _curves_section([best, *(t for t in trials if t is not best)], spec.metric, tmp, figures)
             if spec.report.explain:
                 report["shortcut"] = _explain_section(evaluation, data, tmp, figures, seed)
         report["figures"] = [asdict(f) for f in figures]
@@ -130,7 +139,26 @@ def search_settings(spec: SearchSpec) -> dict[str, Any]:
     return {"algorithm": s.algorithm, "scheduler": asdict(s.scheduler), "metric": spec.metric,
             "mode": spec.mode, "num_samples": s.num_samples, "max_concurrent": s.max_concurrent,
             "max_epochs": spec.max_epochs, "seed": s.seed, "time_budget_s": s.time_budget_s,
-            "resources": asdict(spec.resources), "space": {p.name: _param_text(p) for p in spec.params}}
+            "resources": asdict(spec.resources), "space": {p.name: _param_text(p) for p in spec.params},
+            "choice": _choice_settings(spec)}
+
+
+def _choice_settings(spec: SearchSpec) -> dict[str, str]:
+    """The settings that change what a trial reports or which trial is tested: several
+    objectives, a select rule, cross-validated trials (none of them: empty)."""
+    rule, out = spec.search.select, {}
+    if spec.multi_objective:
+        out["objectives"] = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
+    limits = ", ".join(f"{m} <= {b:g}" for m, b in rule.limits().items())
+    if rule.knee:
+        out["select"] = "the knee of the Pareto front"
+    elif limits or spec.select_metric != spec.metric:
+        out["select"] = f"the best by {spec.select_metric}" + (f" within {limits}" if limits else "")
+    if spec.search.cv:
+        out["cross-validation"] = (f"{spec.data.folds} folds, the fold mean reported each epoch; tested as "
+                                   + ("the folds' ensemble" if spec.search.cv_test == "ensemble"
+                                      else "a refit on train+val"))
+    return out
 
 
 def _param_text(p: Any) -> str:
@@ -174,6 +202,27 @@ def _search_section(spec: SearchSpec, trials: list[ReportTrial], storage: Option
             "study": study.study_name}
 
 
+FRONT_TEST_COLUMNS = ("test/f1_macro", "test/roc_auc_macro")  # of the front members tested
+
+
+def _front_section(spec: SearchSpec, pareto: dict[str, Any], front: pd.DataFrame, out: Path,
+                   figures: list[Figure]) -> dict[str, Any]:
+    """How the tested trial was chosen: the objectives, the rule's reason, every trial's
+    values at its best epoch (with a few test metrics of the front members that were
+    tested), and the front's plot."""
+    from .front import FRONT_PNG, write_front
+
+    written = write_front(out, front, spec.objectives, spec.select_metric, spec.search.select.limits())
+    if any(p.name == FRONT_PNG for p in written):
+        title = (f"the Pareto front: {len(pareto['front'])} of {len(front)} trials" if spec.multi_objective
+                 else f"the {len(front)} trials against the limited metrics")
+        figures.append(Figure(FRONT_PNG, f"{title}, the tested trial starred", "pareto"))
+    keep = [c for c in front.columns if not c.startswith("test/") or c in FRONT_TEST_COLUMNS]
+    return {"objectives": pareto["objectives"], "limits": pareto.get("limits", {}), "front": pareto["front"],
+            "selected": pareto["selected"], "reason": pareto["reason"], "columns": keep,
+            "rows": front[keep].to_dict("records")}
+
+
 def _test_section(ev: Any, data: PreparedData, out: Path, figures: list[Figure], seed: int,
                   resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """Test figures and every test metric with its 95 % bootstrap interval over patients."""
@@ -202,6 +251,7 @@ def _test_section(ev: Any, data: PreparedData, out: Path, figures: list[Figure],
 
 
 def _curves_section(trials: list[ReportTrial], metric: str, out: Path, figures: list[Figure]) -> None:
+    """Learning curves of the tested trial (``trials[0]``) alone and with the next ones."""
     from .figures import learning_curves_png
 
     ranked = [t for t in trials if t.best is not None and t.history][:CURVE_TRIALS]
@@ -210,7 +260,8 @@ def _curves_section(trials: list[ReportTrial], metric: str, out: Path, figures: 
     curves = {t.trial_id: t.history for t in ranked}
     learning_curves_png({ranked[0].trial_id: ranked[0].history}, metric, out / "curves_best.png",
                         best=ranked[0].trial_id)
-    figures.append(Figure("curves_best.png", f"learning curves of the best trial ({ranked[0].trial_id})", "curves"))
+    figures.append(Figure("curves_best.png", f"learning curves of the tested trial ({ranked[0].trial_id})",
+                          "curves"))
     if len(ranked) > 1:
         learning_curves_png(curves, metric, out / "curves_top.png", best=ranked[0].trial_id)
         figures.append(Figure("curves_top.png", f"learning curves of the top {len(ranked)} trials", "curves"))
