@@ -221,7 +221,8 @@ def refit_and_evaluate(checkpoint: Path, data: PreparedData, best_epoch: int, sp
 
     cfg = from_dict(TrialConfig, read_checkpoint(fold_dirs(checkpoint)[0])["config"])
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, early_stopping_patience=0))
-    log.info("refitting the chosen trial on train+val for %d epochs", best_epoch)
+    log.info("refitting the chosen trial on train+val for %d epochs (the 'val' scores it logs are of its "
+             "training images, not a validation)", best_epoch)
     with tempfile.TemporaryDirectory(prefix="cxrtune-refit-") as work:
         fit(cfg, refit_data(data), workdir=Path(work), device=device, until=best_epoch)
         return evaluate_checkpoint(Path(work) / "checkpoint", data, split, device)

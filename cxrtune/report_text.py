@@ -145,9 +145,14 @@ def render_search(r: dict[str, Any]) -> None:
                   f"the scheduler, {c['failed']} failed" + (f", {c['not_started']} never started"
                                                            if c["not_started"] else ""))
     # a rule (several objectives, limits) may test another trial than the best by the metric
-    console.print(f"{'tested' if pareto else 'best'} trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f} "
-                  f"at epoch {r['best_epoch']}; "
-                  f"config {_config_text(r['best_config'])}")
+    cv = r.get("cv")
+    spread = (f" (mean of {cv['folds']} folds" + (f", sd {cv['std']:.4f})" if cv["std"] is not None else ")")
+              if cv else "")
+    console.print(f"{'tested' if pareto else 'best'} trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f}"
+                  f"{spread} at epoch {r['best_epoch']}; config {_config_text(r['best_config'])}")
+    if cv:
+        console.print("tested as " + ("the ensemble of its fold models" if cv["test"] == "ensemble"
+                                      else "one model refit on train+val for its best epoch count"))
     test = r["test_metrics"]
     keys = [k for k in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/f1_weighted",
                         "test/roc_auc_macro", "test/binary/accuracy", "test/binary/f1_weighted") if k in test]

@@ -866,6 +866,17 @@ def _best_checkpoint(row: dict[str, Any], spec: SearchSpec):
     return result.get_best_checkpoint(spec.metric, spec.mode) or result.checkpoint
 
 
+def _cv_summary(spec: SearchSpec, row: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A cross-validated search: its folds, how the tested trial was tested, and the spread
+    over folds of the metric at the trial's best epoch (None for a plain search)."""
+    if not spec.search.cv:
+        return None
+    df = row["result"].metrics_dataframe
+    std = df.loc[df["epoch"] == row["best_epoch"], f"cv/std/{spec.metric}"]
+    return {"folds": spec.data.folds, "test": spec.search.cv_test,
+            "std": float(std.iloc[0]) if len(std) and pd.notna(std.iloc[0]) else None}
+
+
 def _best_epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
     """The validation metrics of the trial's best epoch (the one its checkpoint keeps)."""
     df = row["result"].metrics_dataframe
@@ -1025,6 +1036,7 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
             "mlflow_parent_run": parent, "mlflow_ui": tracker.ui_command(),
             "registered_model": tracker.registered,
             "test_intervals": report.get("test", {}).get("intervals", {}), "pareto": pareto,
+            "cv": _cv_summary(spec, best_row),
             "report": report.get("html"), "optuna_dashboard": report.get("optuna", {}).get("dashboard"),
             "n_checkpoints": len(checkpoints),
             "disk_bytes": {"results": _disk_used(experiment_dir(spec)), "checkpoints": _disk_used(*checkpoints),

@@ -121,6 +121,13 @@ def test_a_cross_validated_search_logs_every_fold_and_registers_the_ensemble(tmp
         for step, value in history.items():
             assert value == pytest.approx(np.mean([f[step] for f in folds]), abs=1e-9)
     assert {f"test/fold{k}/f1_macro" for k in range(FOLDS)} <= set(parent.data.metrics)
+    # the summary gives the spread over folds of the tested trial at its best epoch
+    (best,) = [k for k in kids if k.data.tags["cxrtune.trial_id"] == summary["best_trial"]]
+    at_best = [next(m.value for m in client.get_metric_history(best.info.run_id, f"cv/fold{k}/val/f1_macro")
+                    if m.step == summary["best_epoch"]) for k in range(FOLDS)]
+    assert summary["cv"] == {"folds": FOLDS, "test": "ensemble", "std": pytest.approx(np.std(at_best), abs=1e-9)}
+    bundle = json.loads((Path(summary["experiment_dir"]) / "report" / "report.json").read_text())
+    assert bundle["search"]["choice"]["cross-validation"].startswith(f"{FOLDS} folds")
 
     # the registered model is the ensemble: it predicts the test split as the search scored it
     import mlflow.pyfunc
