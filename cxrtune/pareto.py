@@ -27,7 +27,7 @@ from .selection import rank_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Objective", "Choice", "dominates", "pareto_front", "knee_point", "within", "choose"]
+__all__ = ["Objective", "Choice", "dominates", "pareto_front", "knee_point", "within", "limits_text", "choose"]
 
 Point = Mapping[str, Optional[float]]
 
@@ -95,6 +95,11 @@ def within(point: Point, limits: Mapping[str, float]) -> bool:
     return all(_number(point.get(m)) and point[m] <= bound for m, bound in limits.items())
 
 
+def limits_text(limits: Mapping[str, float]) -> str:
+    """``cost/latency_ms <= 20, cost/params_m <= 5``: the limits as messages name them."""
+    return ", ".join(f"{m} <= {b:g}" for m, b in limits.items())
+
+
 def choose(points: Sequence[Point], objectives: Sequence[Objective], metric: str, mode: str,
            limits: Mapping[str, float], knee: bool) -> Choice:
     """Pick the trial to test (see the module docstring). ``points`` are the candidates,
@@ -105,7 +110,7 @@ def choose(points: Sequence[Point], objectives: Sequence[Objective], metric: str
     if knee and front:
         return Choice(knee_point(points, front, objectives), front, "the knee of the Pareto front")
     allowed = [i for i, p in enumerate(points) if within(p, limits)]
-    shown = ", ".join(f"{m} <= {b:g}" for m, b in limits.items())
+    shown = limits_text(limits)
     if not allowed:
         log.warning("no trial is within %s: taking the best by %s regardless; loosen search.select's limits",
                     shown, metric)

@@ -144,10 +144,10 @@ def render_search(r: dict[str, Any]) -> None:
     console.print(f"{r['n_trials']} trials: {c['completed']} completed, {c['stopped_early']} stopped early by "
                   f"the scheduler, {c['failed']} failed" + (f", {c['not_started']} never started"
                                                            if c["not_started"] else ""))
-    # a rule (several objectives, limits) may test another trial than the best by the metric
     cv = r.get("cv")
     spread = (f" (mean of {cv['folds']} folds" + (f", sd {cv['std']:.4f})" if cv["std"] is not None else ")")
               if cv else "")
+    # a rule (several objectives, limits) may test another trial than the best by the metric
     console.print(f"{'tested' if pareto else 'best'} trial {r['best_trial']}: {r['metric']} {r['best_val']:.4f}"
                   f"{spread} at epoch {r['best_epoch']}; config {_config_text(r['best_config'])}")
     if cv:

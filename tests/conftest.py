@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from servers import TINY, cxrtune
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_connected():
+    """Disconnect this process from Ray after each test. A test that joined Ray here and
+    failed before its own ray.shutdown() would leave it connected to a cluster that a
+    later `ray stop --force` kills, and the next test that starts Ray in this process
+    would fail too ("ray.init twice"): one failure would read as several."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import replacing_dir
 from ..data.pipeline import PreparedData
+from ..pareto import limits_text
 from ..space.spec import SearchSpec
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def _choice_settings(spec: SearchSpec) -> dict[str, str]:
     rule, out = spec.search.select, {}
     if spec.multi_objective:
         out["objectives"] = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
-    limits = ", ".join(f"{m} <= {b:g}" for m, b in rule.limits().items())
+    limits = limits_text(rule.limits())
     if rule.knee:
         out["select"] = "the knee of the Pareto front"
     elif limits or spec.select_metric != spec.metric:
