@@ -27,7 +27,7 @@ from .selection import rank_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Objective", "Choice", "dominates", "pareto_front", "knee_point", "within", "limits_text", "choose"]
+__all__ = ["Objective", "Choice", "dominates", "pareto_front", "knee_point", "within", "rule_text", "choose"]
 
 Point = Mapping[str, Optional[float]]
 
@@ -95,9 +95,16 @@ def within(point: Point, limits: Mapping[str, float]) -> bool:
     return all(_number(point.get(m)) and point[m] <= bound for m, bound in limits.items())
 
 
-def limits_text(limits: Mapping[str, float]) -> str:
+def _limits_text(limits: Mapping[str, float]) -> str:
     """``cost/latency_ms <= 20, cost/params_m <= 5``: the limits as messages name them."""
     return ", ".join(f"{m} <= {b:g}" for m, b in limits.items())
+
+
+def rule_text(metric: str, limits: Mapping[str, float], knee: bool) -> str:
+    """The rule as the summary, the report and the tags state it."""
+    if knee:
+        return "the knee of the Pareto front"
+    return f"the best by {metric}" + (f" within {_limits_text(limits)}" if limits else "")
 
 
 def choose(points: Sequence[Point], objectives: Sequence[Objective], metric: str, mode: str,
@@ -108,14 +115,14 @@ def choose(points: Sequence[Point], objectives: Sequence[Objective], metric: str
         raise ValueError("no trial to choose from")
     front = tuple(pareto_front(points, objectives)) if len(objectives) > 1 else ()
     if knee and front:
-        return Choice(knee_point(points, front, objectives), front, "the knee of the Pareto front")
+        return Choice(knee_point(points, front, objectives), front, rule_text(metric, limits, knee=True))
     allowed = [i for i, p in enumerate(points) if within(p, limits)]
-    shown = limits_text(limits)
     if not allowed:
+        shown = _limits_text(limits)
         log.warning("no trial is within %s: taking the best by %s regardless; loosen search.select's limits",
                     shown, metric)
         allowed, why = list(range(len(points))), f"the best by {metric} (no trial within {shown})"
     else:
-        why = f"the best by {metric}" + (f" within {shown}" if limits else "")
+        why = rule_text(metric, limits, knee=False)
     best = min(allowed, key=lambda i: rank_key(points[i].get(metric), mode))
     return Choice(best, front, why)

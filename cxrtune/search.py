@@ -900,10 +900,10 @@ def _checkpoint_dirs(experiment: str) -> list[str]:
 
 def _report(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], tracker: Tracker,
             parent: Optional[str], ev: Any = None, tested: Optional[str] = None,
-            pareto: Optional[dict[str, Any]] = None, front: Optional[pd.DataFrame] = None) -> dict[str, Any]:
+            pareto: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The report bundle and its HTML, logged to the parent run (its test figures on the
-    run of the ``tested`` trial too; with a select rule, the ``pareto`` choice and its
-    ``front`` table). A report that cannot be built is logged as a warning: the search's
+    run of the ``tested`` trial too; with a select rule, the ``pareto`` choice and the
+    front's files). A report that cannot be built is logged as a warning: the search's
     result stands without it."""
     from .report.build import ReportTrial, report_dir, study_storage, write_report
     from .report.html import write_html
@@ -913,7 +913,8 @@ def _report(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], tr
     out = report_dir(spec)
     try:
         report = write_report(out, spec, data, trials, ev, study_storage(spec, experiment_dir(spec)),
-                              seed=spec.search.seed, tested=tested, pareto=pareto, front=front)
+                              seed=spec.search.seed, tested=tested, pareto=pareto,
+                              front_dir=_front_dir(spec) if pareto else None)
         report["html"] = str(write_html(out, out / "report.html"))
     except Exception as exc:  # noqa: BLE001 - the search's result stands without its report
         log.warning("the search's report could not be built: %s: %s", type(exc).__name__, exc, exc_info=True)
@@ -970,22 +971,28 @@ def _front_tests(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]
 
 def _log_front(spec: SearchSpec, data: PreparedData, rows: list[dict[str, Any]], pareto: dict[str, Any],
                selected_metrics: dict[str, float], tracker: Tracker, parent: Optional[str],
-               test_front: bool) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The front's CSV and plot beside the report folder and on the parent run (both
-    ``pareto/``), and its members as a tag; with ``test_front``, every member's test
-    metrics too. Returns the summary's ``pareto`` and the front's table (for the report)."""
-    from .report.build import report_dir
+               test_front: bool) -> dict[str, Any]:
+    """The front's CSV and plot beside the report folder (``_front_dir``: the report takes
+    them from there) and on the parent run (``pareto/``), and its members as a tag; with
+    ``test_front``, every member's test metrics too."""
     from .report.front import front_table, write_front
 
     tests = _front_tests(spec, data, rows, pareto, selected_metrics) if test_front else {}
     table = front_table(rows, spec.objectives, pareto["selected"], tests)
-    for path in write_front(report_dir(spec).parent / "pareto", table, spec.objectives, spec.select_metric,
+    for path in write_front(_front_dir(spec), table, spec.objectives, spec.select_metric,
                             spec.search.select.limits()):
         tracker.log_path(parent, path, artifact_path="pareto")
     tracker.set_tags(parent, {"cxrtune.pareto_front": ",".join(pareto["front"]),
                               "cxrtune.selected_trial": pareto["selected"],
                               "cxrtune.selected_by": pareto["reason"]})
-    return {**pareto, "front_test": tests}, table
+    return {**pareto, "front_test": tests}
+
+
+def _front_dir(spec: SearchSpec) -> Path:
+    """Where the front's CSV and plot go: ``<results>/<search>/pareto/``, beside the report."""
+    from .report.build import report_dir
+
+    return report_dir(spec).parent / "pareto"
 
 
 def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, parent: Optional[str],
@@ -1015,14 +1022,13 @@ def _finish(spec: SearchSpec, data: PreparedData, results, tracker: Tracker, par
     checkpoint = _best_checkpoint(best_row, spec)
     with checkpoint.as_directory() as ckpt_dir:
         ev = _test_evaluation(spec, Path(ckpt_dir), data, best_row)
-        front = None
         if pareto:
-            pareto, front = _log_front(spec, data, rows, pareto, ev.metrics, tracker, parent, test_front)
+            pareto = _log_front(spec, data, rows, pareto, ev.metrics, tracker, parent, test_front)
         package = _model_package(data, ev)
         tracker.log_best(parent, best_row["trial_id"], point_of(best.config), _best_epoch_metrics(best_row),
                          ev.metrics, ev.confusion, list(data.scheme.classes), Path(ckpt_dir), package,
                          spec.tracking.register_model)
-        report = _report(spec, data, rows, tracker, parent, ev, best_row["trial_id"], pareto, front)
+        report = _report(spec, data, rows, tracker, parent, ev, best_row["trial_id"], pareto)
     tracker.end_parent(parent, status="FINISHED")
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, FAILED, NOT_STARTED)}
     checkpoints = _checkpoint_dirs(experiment_dir(spec))

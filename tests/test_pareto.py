@@ -253,7 +253,7 @@ def test_the_report_names_the_tested_trial_not_the_best_by_the_metric(tmp_path, 
     from cxrtune.data.pipeline import prepare_data
     from cxrtune.engine import Evaluation
     from cxrtune.report.build import ReportTrial, write_report
-    from cxrtune.report.front import front_table
+    from cxrtune.report.front import front_table, write_front
     from cxrtune.report.html import render
 
     monkeypatch.setenv("CXRTUNE_HOME", str(tmp_path / "home"))
@@ -274,8 +274,10 @@ def test_the_report_names_the_tested_trial_not_the_best_by_the_metric(tmp_path, 
     probs[np.arange(len(y)), y] = 0.8
     probs /= probs.sum(1, keepdims=True)
     ev = Evaluation({}, np.eye(3), y, probs, None, None, (0.5, 0.25), None, torch.device("cpu"))
+    write_front(tmp_path / "pareto", front_table(rows, spec.objectives, "b", {}), spec.objectives,
+                spec.select_metric, {})
     report = write_report(tmp_path / "bundle", spec, data, trials, ev, tested="b", pareto=pareto,
-                          front=front_table(rows, spec.objectives, "b", {}))
+                          front_dir=tmp_path / "pareto")
     assert report["best"]["trial_id"] == "b" and report["best"]["chosen_by"] == "the knee of the Pareto front"
     titles = {f["file"]: f["title"] for f in report["figures"]}
     assert "(b)" in titles["curves_best.png"] and "pareto_front.png" in titles

@@ -15,17 +15,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..atomic import replacing_dir
 from ..data.pipeline import PreparedData
-from ..pareto import limits_text
+from ..pareto import rule_text
 from ..space.spec import SearchSpec
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +60,12 @@ class Figure:
 def write_report(out_dir: Path, spec: SearchSpec, data: PreparedData, trials: list[ReportTrial],
                  evaluation: Any = None, optuna_storage: Optional[str] = None, seed: int = 0,
                  tested: Optional[str] = None, pareto: Optional[dict[str, Any]] = None,
-                 front: Optional[pd.DataFrame] = None) -> dict[str, Any]:
+                 front_dir: Optional[Path] = None) -> dict[str, Any]:
     """Write the bundle of a search to ``out_dir`` (replaced whole, atomically) and return
     its ``report.json`` content. ``trials`` best first; ``evaluation`` is the test
     ``engine.Evaluation`` of trial ``tested`` (default: the best), None when every trial
     failed. A search that chose its tested trial by a rule passes the choice (``pareto``,
-    as its summary has it) and the front's table (``report/front.py``)."""
+    as its summary has it) and the folder of the front's CSV and plot (``report/front.py``)."""
     start = time.perf_counter()
     with replacing_dir(Path(out_dir)) as tmp:
         figures: list[Figure] = []
@@ -78,8 +75,8 @@ def write_report(out_dir: Path, spec: SearchSpec, data: PreparedData, trials: li
             "counts": _counts(trials), "trials": [_trial_row(t) for t in trials[:TABLE_TRIALS]],
             "status": "finished" if evaluation is not None else "all_failed"}
         report["optuna"] = _search_section(spec, trials, optuna_storage, tmp, figures)
-        if pareto and front is not None:
-            report["pareto"] = _front_section(spec, pareto, front, tmp, figures)
+        if pareto and front_dir is not None:
+            report["pareto"] = _front_section(pareto, Path(front_dir), tmp, figures)
         if evaluation is not None:
             best = next((t for t in trials if t.trial_id == tested), trials[0])
             report["best"] = {"trial_id": best.trial_id, "val": best.best, "epoch": best.best_epoch,
@@ -150,11 +147,8 @@ def _choice_settings(spec: SearchSpec) -> dict[str, str]:
     rule, out = spec.search.select, {}
     if spec.multi_objective:
         out["objectives"] = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
-    limits = limits_text(rule.limits())
-    if rule.knee:
-        out["select"] = "the knee of the Pareto front"
-    elif limits or spec.select_metric != spec.metric:
-        out["select"] = f"the best by {spec.select_metric}" + (f" within {limits}" if limits else "")
+    if rule.knee or rule.limits() or spec.select_metric != spec.metric:
+        out["select"] = rule_text(spec.select_metric, rule.limits(), rule.knee)
     if spec.search.cv:
         out["cross-validation"] = (f"{spec.data.folds} folds, the fold mean reported each epoch; tested as "
                                    + ("the folds' ensemble" if spec.search.cv_test == "ensemble"
@@ -206,16 +200,20 @@ def _search_section(spec: SearchSpec, trials: list[ReportTrial], storage: Option
 FRONT_TEST_COLUMNS = ("test/f1_macro", "test/roc_auc_macro")  # of the front members tested
 
 
-def _front_section(spec: SearchSpec, pareto: dict[str, Any], front: pd.DataFrame, out: Path,
-                   figures: list[Figure]) -> dict[str, Any]:
+def _front_section(pareto: dict[str, Any], front_dir: Path, out: Path, figures: list[Figure]) -> dict[str, Any]:
     """How the tested trial was chosen: the objectives, the rule's reason, every trial's
     values at its best epoch (with a few test metrics of the front members that were
-    tested), and the front's plot."""
-    from .front import FRONT_PNG, write_front
+    tested), and the front's plot: the files the search wrote in ``front_dir``."""
+    import shutil
 
-    written = write_front(out, front, spec.objectives, spec.select_metric, spec.search.select.limits())
-    if any(p.name == FRONT_PNG for p in written):
-        title = (f"the Pareto front: {len(pareto['front'])} of {len(front)} trials" if spec.multi_objective
+    import pandas as pd
+
+    from .front import FRONT_CSV, FRONT_PNG
+
+    front = pd.read_csv(front_dir / FRONT_CSV, dtype={"trial_id": str})
+    if (front_dir / FRONT_PNG).exists():
+        shutil.copyfile(front_dir / FRONT_PNG, out / FRONT_PNG)
+        title = (f"the Pareto front: {len(pareto['front'])} of {len(front)} trials" if len(pareto["objectives"]) > 1
                  else f"the {len(front)} trials against the limited metrics")
         figures.append(Figure(FRONT_PNG, f"{title}, the tested trial starred", "pareto"))
     keep = [c for c in front.columns if not c.startswith("test/") or c in FRONT_TEST_COLUMNS]
